@@ -1,0 +1,184 @@
+"""Admin commands: migrate, site create, plan set, member add, token."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from decimal import Decimal, InvalidOperation
+from typing import Any
+
+import asyncpg
+import orjson
+
+from services.cli import CliError, run_async
+from shared.auth import AuthMisconfigured, issue_token
+from shared.db import connect
+from shared.migrate import MigrationError, migrate
+from shared.settings import Settings
+from shared.sites import ROLES, SiteNotFound, add_member, create_site, resolve_site, set_plan
+
+
+def _multiplier(raw: str) -> Decimal:
+    try:
+        value = Decimal(raw)
+    except InvalidOperation:
+        raise argparse.ArgumentTypeError(f"not a number: {raw!r}") from None
+    if not value.is_finite() or value < 1:
+        raise argparse.ArgumentTypeError("the hard cap multiplier must be a number >= 1")
+    return value
+
+
+def _non_negative(raw: str) -> int:
+    try:
+        value = int(raw)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {raw!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError("must be >= 0")
+    return value
+
+
+def _positive(raw: str) -> int:
+    value = _non_negative(raw)
+    if value == 0:
+        raise argparse.ArgumentTypeError("must be > 0")
+    return value
+
+
+def _print_json(obj: Any) -> None:
+    sys.stdout.write(orjson.dumps(obj, option=orjson.OPT_INDENT_2).decode() + "\n")
+
+
+async def _db(settings: Settings) -> asyncpg.Connection:
+    try:
+        return await connect(settings.database_url)
+    except (OSError, asyncpg.PostgresError) as exc:
+        raise CliError(f"cannot reach Postgres at {settings.database_url}: {exc}") from exc
+
+
+def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
+    try:
+        applied = run_async(migrate(settings.database_url))
+    except (MigrationError, OSError, asyncpg.PostgresError) as exc:
+        raise CliError(str(exc)) from exc
+    print(f"applied {len(applied)} migration(s)" + (": " + ", ".join(applied) if applied else ""))
+    return 0
+
+
+def cmd_site_create(args: argparse.Namespace, settings: Settings) -> int:
+    async def go() -> int:
+        conn = await _db(settings)
+        try:
+            site = await create_site(
+                conn,
+                public_id=args.public_id,
+                name=args.name or args.public_id,
+                allowed_origins=args.origin or [],
+                rate_limit_per_minute=args.rate_limit_per_minute,
+                monthly_limit=args.monthly_limit,
+                soft_limit_enabled=args.soft_limit,
+                hard_cap_multiplier=args.hard_cap_multiplier,
+                default_monthly_limit=settings.default_monthly_limit,
+            )
+        except asyncpg.UniqueViolationError:
+            raise CliError(f"a site with public id {args.public_id!r} already exists") from None
+        except asyncpg.CheckViolationError as exc:
+            raise CliError(f"invalid site: {exc}") from None
+        finally:
+            await conn.close()
+        _print_json(site.as_dict())
+        return 0
+
+    return run_async(go())
+
+
+def cmd_plan_set(args: argparse.Namespace, settings: Settings) -> int:
+    async def go() -> int:
+        conn = await _db(settings)
+        try:
+            site = await resolve_site(conn, args.site, settings.default_monthly_limit)
+            await set_plan(
+                conn,
+                site.id,
+                monthly_limit=args.monthly_limit,
+                soft_limit_enabled=args.soft_limit,
+                hard_cap_multiplier=args.hard_cap_multiplier,
+                plan_tier=args.tier,
+            )
+            site = await resolve_site(conn, str(site.id), settings.default_monthly_limit)
+        except SiteNotFound as exc:
+            raise CliError(str(exc)) from None
+        finally:
+            await conn.close()
+        _print_json(site.as_dict())
+        return 0
+
+    return run_async(go())
+
+
+def cmd_member_add(args: argparse.Namespace, settings: Settings) -> int:
+    async def go() -> int:
+        conn = await _db(settings)
+        try:
+            site = await resolve_site(conn, args.site, settings.default_monthly_limit)
+            await add_member(conn, site.id, args.user, args.role)
+        except SiteNotFound as exc:
+            raise CliError(str(exc)) from None
+        finally:
+            await conn.close()
+        _print_json({"site_id": str(site.id), "user_id": args.user, "role": args.role})
+        return 0
+
+    return run_async(go())
+
+
+def cmd_token(args: argparse.Namespace, settings: Settings) -> int:
+    try:
+        print(issue_token(settings, args.user, args.ttl))
+    except AuthMisconfigured as exc:
+        raise CliError(str(exc)) from None
+    return 0
+
+
+def register(sub: argparse._SubParsersAction[Any]) -> None:
+    p = sub.add_parser("migrate", help="create the database if missing and apply pending migrations")
+    p.set_defaults(handler=cmd_migrate)
+
+    site = sub.add_parser("site", help="manage sites").add_subparsers(dest="site_command", metavar="ACTION")
+    site.required = True
+    p = site.add_parser("create", help="create a site and print it as JSON")
+    p.add_argument("--public-id", required=True)
+    p.add_argument("--name")
+    p.add_argument("--origin", action="append", help="allowed Origin (repeatable; '*' allows any)")
+    p.add_argument("--rate-limit-per-minute", type=_positive)
+    p.add_argument("--monthly-limit", type=_non_negative)
+    p.add_argument("--soft-limit", action="store_true", default=None)
+    p.add_argument("--hard-cap-multiplier", type=_multiplier)
+    p.set_defaults(handler=cmd_site_create)
+
+    plan = sub.add_parser("plan", help="manage plans").add_subparsers(dest="plan_command", metavar="ACTION")
+    plan.required = True
+    p = plan.add_parser("set", help="create or change a site's plan")
+    p.add_argument("--site", required=True, help="site UUID or public id")
+    p.add_argument("--monthly-limit", type=_non_negative, required=True)
+    soft = p.add_mutually_exclusive_group()
+    soft.add_argument("--soft-limit", dest="soft_limit", action="store_true", default=None)
+    soft.add_argument("--no-soft-limit", dest="soft_limit", action="store_false")
+    p.add_argument("--hard-cap-multiplier", type=_multiplier)
+    p.add_argument("--tier")
+    p.set_defaults(handler=cmd_plan_set)
+
+    member = sub.add_parser("member", help="manage site members").add_subparsers(
+        dest="member_command", metavar="ACTION"
+    )
+    member.required = True
+    p = member.add_parser("add", help="add (or change) a member of a site")
+    p.add_argument("--site", required=True, help="site UUID or public id")
+    p.add_argument("--user", required=True)
+    p.add_argument("--role", required=True, choices=ROLES)
+    p.set_defaults(handler=cmd_member_add)
+
+    p = sub.add_parser("token", help="print a signed JWT for a user (needs AUTH_JWT_SECRET)")
+    p.add_argument("--user", required=True)
+    p.add_argument("--ttl", type=_positive, default=3600, help="lifetime in seconds")
+    p.set_defaults(handler=cmd_token)

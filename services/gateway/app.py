@@ -1,0 +1,99 @@
+"""The gateway's aiohttp application: middleware, shared clients, and the routes of every module."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import asyncpg
+from aiohttp import web
+
+from services.gateway import health
+from services.gateway.context import CONTEXT, REQUEST_ID, SETTINGS, GatewayContext
+from services.gateway.responses import error_response
+from shared.buildinfo import resolve_build_info
+from shared.db import create_pool
+from shared.logging import get_logger
+from shared.publisher import EventPublisher
+from shared.redis_client import create_redis
+from shared.settings import Settings
+
+log = get_logger("gateway")
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+# Each module contributes its routes (and its own resources) through `setup(app)`.
+ROUTE_MODULES = [health]
+
+_HTTP_ERROR_CODES = {
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "payload_too_large",
+}
+
+
+@web.middleware
+async def request_context(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Request id, build headers on every answer, JSON errors instead of HTML, one log line."""
+    request[REQUEST_ID] = rid = uuid.uuid4().hex
+    started = time.perf_counter()
+    try:
+        response = await handler(request)
+    except web.HTTPException as exc:
+        code = _HTTP_ERROR_CODES.get(exc.status, "http_error")
+        response = error_response(exc.status, code)
+    except asyncio.CancelledError:
+        raise
+    except Exception:
+        log.exception("unhandled_error", request_id=rid, path=request.path)
+        response = error_response(500, "internal_error")
+    build = request.app[CONTEXT].build
+    response.headers["x-opsmantik-commit"] = build.commit_sha
+    response.headers["x-opsmantik-branch"] = build.git_branch
+    response.headers["x-request-id"] = rid
+    if request.path != "/healthz":
+        log.info(
+            "request",
+            request_id=rid,
+            method=request.method,
+            path=request.path,
+            site=request.get("site"),
+            status=response.status,
+            latency_ms=round((time.perf_counter() - started) * 1000, 2),
+        )
+    return response
+
+
+async def _clients(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS]
+    # min_size=0: the gateway starts (and answers 500 billing_gate_closed) while Postgres is down.
+    pool = await create_pool(settings.database_url, min_size=0, max_size=16, timeout=2.0)
+    redis = create_redis(settings.redis_url)
+    publisher = EventPublisher(settings.amqp_url, timeout_ms=settings.publish_timeout_ms)
+    await publisher.start()
+    app[CONTEXT] = GatewayContext(
+        settings=settings,
+        build=resolve_build_info(settings),
+        pool=pool,
+        redis=redis,
+        publisher=publisher,
+    )
+    yield
+    await publisher.close()
+    await redis.aclose()
+    try:
+        await asyncio.wait_for(pool.close(), timeout=5)
+    except (asyncio.TimeoutError, asyncpg.PostgresError, OSError):
+        pool.terminate()
+
+
+def build_app(settings: Settings) -> web.Application:
+    """The whole gateway for `settings`; clients connect when the app starts."""
+    app = web.Application(client_max_size=256 * 1024, middlewares=[request_context])
+    app[SETTINGS] = settings
+    app.cleanup_ctx.append(_clients)
+    for module in ROUTE_MODULES:
+        module.setup(app)
+    return app

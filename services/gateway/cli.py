@@ -1,0 +1,26 @@
+"""`revkernel gateway`."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from services.gateway.main import run_gateways
+from shared.settings import Settings
+
+
+def cmd_gateway(args: argparse.Namespace, settings: Settings) -> int:
+    overrides: dict[str, Any] = {}
+    if args.host:
+        overrides["gateway_host"] = args.host
+    if args.port is not None:
+        overrides["gateway_port"] = args.port
+    return run_gateways(settings.with_overrides(**overrides), args.workers)
+
+
+def register(sub: argparse._SubParsersAction[Any]) -> None:
+    p = sub.add_parser("gateway", help="run the HTTP gateway")
+    p.add_argument("--host")
+    p.add_argument("--port", type=int)
+    p.add_argument("--workers", type=int, default=1, help="processes sharing the port (SO_REUSEPORT)")
+    p.set_defaults(handler=cmd_gateway)

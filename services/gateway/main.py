@@ -1,0 +1,74 @@
+"""`revkernel gateway`: N processes sharing one port (SO_REUSEPORT), graceful on SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing
+import os
+import signal
+import sys
+from types import FrameType
+
+from aiohttp import web
+
+from services.gateway.app import build_app
+from shared.logging import configure_logging, get_logger
+from shared.settings import Settings
+
+# In-flight requests get this long to finish after SIGTERM before the clients close.
+SHUTDOWN_GRACE_S = 15.0
+
+
+def install_uvloop() -> bool:
+    """Use uvloop when it is installed (it is on Linux); the stdlib loop otherwise."""
+    try:
+        import uvloop
+    except ImportError:
+        return False
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    return True
+
+
+def serve_gateway(settings: Settings) -> None:
+    """One gateway process until SIGTERM/SIGINT: stop accepting, drain, close clients."""
+    configure_logging(settings.log_level)
+    install_uvloop()
+    get_logger("gateway").info(
+        "gateway_starting", host=settings.gateway_host, port=settings.gateway_port, pid=os.getpid()
+    )
+    web.run_app(
+        build_app(settings),
+        host=settings.gateway_host,
+        port=settings.gateway_port,
+        reuse_port=True,
+        access_log=None,
+        print=None,
+        handle_signals=True,
+        shutdown_timeout=SHUTDOWN_GRACE_S,
+    )
+
+
+def run_gateways(settings: Settings, workers: int) -> int:
+    """Run `workers` gateway processes and forward SIGTERM/SIGINT to them; exit 0 when all drained."""
+    if workers <= 1:
+        serve_gateway(settings)
+        return 0
+    ctx = multiprocessing.get_context("spawn")
+    children = [ctx.Process(target=serve_gateway, args=(settings,), daemon=False) for _ in range(workers)]
+    for child in children:
+        child.start()
+
+    def forward(signum: int, _frame: FrameType | None) -> None:
+        for child in children:
+            if child.is_alive() and child.pid is not None:
+                os.kill(child.pid, signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    for child in children:
+        child.join()
+    failed = [c.exitcode for c in children if c.exitcode not in (0, -signal.SIGTERM)]
+    if failed:
+        print(f"gateway workers exited with {failed}", file=sys.stderr)
+        return 1
+    return 0

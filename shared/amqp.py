@@ -1,0 +1,53 @@
+"""RabbitMQ connection and the contract topology of SPEC §2, declared idempotently."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import aio_pika
+from aio_pika.abc import AbstractChannel, AbstractRobustConnection
+
+INGEST_EXCHANGE = "ingest"
+INGEST_QUEUE = "ingest.events"
+INGEST_BINDING = "event.#"
+COMMANDS_EXCHANGE = "billing.commands"
+RECONCILER_QUEUE = "reconciler.commands"
+FREEZER_QUEUE = "freezer.commands"
+DEAD_LETTER_EXCHANGE = "billing.dead-letter"
+DEAD_LETTER_QUEUE = "billing.dead-letter"
+COMMAND_DELIVERY_LIMIT = 5
+
+
+def ingest_routing_key(site_public_id: str) -> str:
+    """Routing key of an accepted event: `event.<site_public_id>`."""
+    return f"event.{site_public_id}"
+
+
+async def connect_robust(url: str, **kwargs: Any) -> AbstractRobustConnection:
+    """A reconnecting connection (channels and declarations are restored after a broker restart)."""
+    kwargs.setdefault("timeout", 5)
+    return await aio_pika.connect_robust(url, **kwargs)
+
+
+async def declare_topology(channel: AbstractChannel) -> None:
+    """Declare every exchange and queue of the contract; safe to call from every process."""
+    ingest = await channel.declare_exchange(INGEST_EXCHANGE, aio_pika.ExchangeType.TOPIC, durable=True)
+    events = await channel.declare_queue(INGEST_QUEUE, durable=True, arguments={"x-queue-type": "quorum"})
+    await events.bind(ingest, routing_key=INGEST_BINDING)
+
+    dlx = await channel.declare_exchange(DEAD_LETTER_EXCHANGE, aio_pika.ExchangeType.FANOUT, durable=True)
+    dead = await channel.declare_queue(DEAD_LETTER_QUEUE, durable=True, arguments={"x-queue-type": "quorum"})
+    await dead.bind(dlx)
+
+    commands = await channel.declare_exchange(COMMANDS_EXCHANGE, aio_pika.ExchangeType.DIRECT, durable=True)
+    for name in (RECONCILER_QUEUE, FREEZER_QUEUE):
+        queue = await channel.declare_queue(
+            name,
+            durable=True,
+            arguments={
+                "x-queue-type": "quorum",
+                "x-delivery-limit": COMMAND_DELIVERY_LIMIT,
+                "x-dead-letter-exchange": DEAD_LETTER_EXCHANGE,
+            },
+        )
+        await queue.bind(commands, routing_key=name)

@@ -1,0 +1,50 @@
+"""asyncpg pool factory and the tenant-scoped transaction (SPEC §7 roles and RLS)."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+from typing import Any
+
+import asyncpg
+import orjson
+
+SERVICE_ROLE = "revkernel_service"
+TENANT_ROLE = "revkernel_tenant"
+
+
+async def _init_connection(conn: asyncpg.Connection) -> None:
+    for kind in ("json", "jsonb"):
+        await conn.set_type_codec(
+            kind, encoder=lambda v: orjson.dumps(v).decode(), decoder=orjson.loads, schema="pg_catalog"
+        )
+
+
+async def create_pool(dsn: str, *, min_size: int = 1, max_size: int = 10, **kwargs: Any) -> asyncpg.Pool:
+    """A pool whose connections decode json/jsonb with orjson and time out instead of hanging."""
+    kwargs.setdefault("timeout", 5.0)
+    kwargs.setdefault("command_timeout", 30.0)
+    pool = await asyncpg.create_pool(
+        dsn, min_size=min_size, max_size=max_size, init=_init_connection, **kwargs
+    )
+    assert pool is not None
+    return pool
+
+
+async def connect(dsn: str, **kwargs: Any) -> asyncpg.Connection:
+    """One connection with the same codecs as the pool."""
+    kwargs.setdefault("timeout", 5.0)
+    conn = await asyncpg.connect(dsn, **kwargs)
+    await _init_connection(conn)
+    return conn
+
+
+@contextlib.asynccontextmanager
+async def tenant_transaction(
+    conn: asyncpg.Connection, user_id: str, *, isolation: str = "repeatable_read"
+) -> AsyncIterator[asyncpg.Connection]:
+    """A read-only transaction running as the tenant role, with RLS keyed on `app.user_id`."""
+    async with conn.transaction(isolation=isolation, readonly=True):
+        await conn.execute(f"SET LOCAL ROLE {TENANT_ROLE}")
+        await conn.execute("SELECT set_config('app.user_id', $1, true)", user_id)
+        yield conn

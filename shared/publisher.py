@@ -1,0 +1,127 @@
+"""Publishing to RabbitMQ with publisher confirms, a bounded wait, and a connection that comes back.
+
+The gateway must start while the broker is down (SPEC §3) and degrade instead of failing, so the
+connection is made by a supervised background task; `publish` raises PublishFailed at once while
+there is no channel, and when the confirm does not arrive within the timeout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import aio_pika
+from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractRobustConnection
+
+from shared.amqp import INGEST_EXCHANGE, connect_robust, declare_topology
+from shared.logging import get_logger
+
+log = get_logger("publisher")
+
+
+class PublishFailed(Exception):
+    """The broker did not confirm the message (unreachable, nacked, returned or timed out)."""
+
+
+@dataclass(frozen=True, slots=True)
+class OutgoingMessage:
+    body: bytes
+    routing_key: str
+    message_id: str
+    headers: dict[str, int | str] = field(default_factory=dict)
+
+
+class EventPublisher:
+    """Confirmed, persistent publishes to the `ingest` exchange; many may be in flight at once."""
+
+    def __init__(self, amqp_url: str, *, timeout_ms: int, exchange_name: str = INGEST_EXCHANGE) -> None:
+        self._url = amqp_url
+        self._timeout_s = timeout_ms / 1000
+        self._exchange_name = exchange_name
+        self._connection: AbstractRobustConnection | None = None
+        self._channel: AbstractChannel | None = None
+        self._exchange: AbstractExchange | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._closing = False
+        self.connected = asyncio.Event()
+        self.last_confirm_ms: float | None = None
+
+    async def start(self) -> None:
+        """Begin connecting in the background; returns immediately."""
+        self._task = asyncio.create_task(self._connect_forever(), name="amqp-connect")
+
+    async def _connect_forever(self) -> None:
+        delay = 0.2
+        while not self._closing:
+            try:
+                connection = await connect_robust(self._url, timeout=3)
+                channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
+                await declare_topology(channel)
+                self._exchange = await channel.get_exchange(self._exchange_name)
+                self._connection, self._channel = connection, channel
+                self.connected.set()
+                log.info("amqp_connected")
+                return
+            except (OSError, asyncio.TimeoutError, aio_pika.exceptions.AMQPError) as exc:
+                log.warning("amqp_connect_failed", error=str(exc) or type(exc).__name__, retry_in_s=delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
+    @property
+    def is_ready(self) -> bool:
+        channel = self._channel
+        return self._exchange is not None and channel is not None and not channel.is_closed
+
+    async def publish(self, message: OutgoingMessage) -> None:
+        """Publish and wait for the broker's confirm, at most `PUBLISH_TIMEOUT_MS`."""
+        exchange = self._exchange
+        if exchange is None or not self.is_ready:
+            raise PublishFailed("broker_unavailable")
+        started = time.perf_counter()
+        try:
+            await asyncio.wait_for(
+                exchange.publish(
+                    aio_pika.Message(
+                        message.body,
+                        content_type="application/json",
+                        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                        message_id=message.message_id,
+                        headers=dict(message.headers),
+                    ),
+                    routing_key=message.routing_key,
+                    mandatory=True,
+                ),
+                timeout=self._timeout_s,
+            )
+        except asyncio.TimeoutError as exc:
+            raise PublishFailed("confirm_timeout") from exc
+        except (aio_pika.exceptions.AMQPError, OSError, RuntimeError) as exc:
+            raise PublishFailed(type(exc).__name__) from exc
+        self.last_confirm_ms = (time.perf_counter() - started) * 1000
+
+    async def publish_many(self, messages: Sequence[OutgoingMessage]) -> list[PublishFailed | None]:
+        """Publish with all confirms in flight at once; one result per message (None = confirmed)."""
+        results = await asyncio.gather(*(self.publish(m) for m in messages), return_exceptions=True)
+        out: list[PublishFailed | None] = []
+        for result in results:
+            if result is None:
+                out.append(None)
+            elif isinstance(result, PublishFailed):
+                out.append(result)
+            elif isinstance(result, BaseException) and not isinstance(result, Exception):
+                raise result
+            else:
+                out.append(PublishFailed(repr(result)))
+        return out
+
+    async def close(self) -> None:
+        self._closing = True
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        if self._connection is not None:
+            await self._connection.close()

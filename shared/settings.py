@@ -1,0 +1,109 @@
+"""Process settings (SPEC §12): one frozen object, built once from the environment in `main`."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+IpNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+class SettingsError(ValueError):
+    """An environment variable holds a value the fleet cannot run with."""
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    database_url: str = "postgresql://postgres@127.0.0.1:5432/revkernel"
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    amqp_url: str = "amqp://guest:guest@127.0.0.1:5672/"
+    cron_secret: str | None = None
+    auth_jwt_secret: str | None = None
+    auth_jwt_audience: str | None = None
+    auth_jwt_issuer: str | None = None
+    commit_sha: str | None = None
+    git_branch: str | None = None
+    idempotency_version: int = 1
+    rate_limit_per_minute: int = 300
+    default_monthly_limit: int = 1000
+    publish_timeout_ms: int = 1000
+    command_timeout_s: float = 30.0
+    trusted_proxies: tuple[IpNetwork, ...] = field(default_factory=tuple)
+    reconciler_http_port: int = 8081
+    freezer_http_port: int = 8082
+    gateway_host: str = "0.0.0.0"
+    gateway_port: int = 8080
+    site_cache_ttl_s: float = 30.0
+    log_level: str = "info"
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        """Read SPEC §12 variables; unset or empty means the documented default."""
+        env = os.environ if env is None else env
+        values: dict[str, Any] = {}
+
+        def text(name: str, attr: str) -> None:
+            raw = env.get(name, "").strip()
+            if raw:
+                values[attr] = raw
+
+        def number(name: str, attr: str, kind: type, minimum: float) -> None:
+            raw = env.get(name, "").strip()
+            if not raw:
+                return
+            try:
+                parsed = kind(raw)
+            except ValueError as exc:
+                raise SettingsError(f"{name} must be a number, got {raw!r}") from exc
+            if parsed < minimum:
+                raise SettingsError(f"{name} must be >= {minimum}, got {raw!r}")
+            values[attr] = parsed
+
+        for name, attr in [
+            ("DATABASE_URL", "database_url"),
+            ("REDIS_URL", "redis_url"),
+            ("AMQP_URL", "amqp_url"),
+            ("CRON_SECRET", "cron_secret"),
+            ("AUTH_JWT_SECRET", "auth_jwt_secret"),
+            ("AUTH_JWT_AUDIENCE", "auth_jwt_audience"),
+            ("AUTH_JWT_ISSUER", "auth_jwt_issuer"),
+            ("COMMIT_SHA", "commit_sha"),
+            ("GIT_BRANCH", "git_branch"),
+            ("GATEWAY_HOST", "gateway_host"),
+            ("LOG_LEVEL", "log_level"),
+        ]:
+            text(name, attr)
+        number("IDEMPOTENCY_VERSION", "idempotency_version", int, 1)
+        number("RATE_LIMIT_PER_MINUTE", "rate_limit_per_minute", int, 1)
+        number("DEFAULT_MONTHLY_LIMIT", "default_monthly_limit", int, 0)
+        number("PUBLISH_TIMEOUT_MS", "publish_timeout_ms", int, 1)
+        number("COMMAND_TIMEOUT_S", "command_timeout_s", float, 0.1)
+        number("RECONCILER_HTTP_PORT", "reconciler_http_port", int, 0)
+        number("FREEZER_HTTP_PORT", "freezer_http_port", int, 0)
+        number("GATEWAY_PORT", "gateway_port", int, 0)
+        number("SITE_CACHE_TTL_S", "site_cache_ttl_s", float, 0)
+        if values.get("idempotency_version", 1) not in (1, 2):
+            raise SettingsError("IDEMPOTENCY_VERSION must be 1 or 2")
+        values["trusted_proxies"] = parse_networks(env.get("TRUSTED_PROXIES", ""))
+        return cls(**values)
+
+    def with_overrides(self, **changes: Any) -> Settings:
+        """A copy with some fields replaced (CLI flags, tests)."""
+        return replace(self, **changes)
+
+
+def parse_networks(raw: str) -> tuple[IpNetwork, ...]:
+    """Parse a comma-separated list of IPs or CIDRs (TRUSTED_PROXIES)."""
+    networks: list[IpNetwork] = []
+    for part in raw.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        try:
+            networks.append(ipaddress.ip_network(part, strict=False))
+        except ValueError as exc:
+            raise SettingsError(f"TRUSTED_PROXIES has an invalid entry {part!r}") from exc
+    return tuple(networks)

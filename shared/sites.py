@@ -1,0 +1,164 @@
+"""Sites, plans and members: the tenancy records the gates and the admin CLI read and write."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Any
+
+import asyncpg
+
+from shared.queries import query
+
+ROLES = ("owner", "admin", "billing", "viewer")
+
+
+class SiteNotFound(LookupError):
+    """No site has that UUID or public id."""
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    monthly_limit: int
+    soft_limit_enabled: bool = False
+    hard_cap_multiplier: Decimal = Decimal(2)
+    plan_tier: str = "default"
+
+    @property
+    def hard_cap(self) -> int:
+        """H = floor(N × multiplier) (SPEC §5)."""
+        return int(Decimal(self.monthly_limit) * self.hard_cap_multiplier)
+
+
+@dataclass(frozen=True, slots=True)
+class Site:
+    id: uuid.UUID
+    public_id: str
+    name: str
+    allowed_origins: tuple[str, ...]
+    rate_limit_per_minute: int | None
+    plan: Plan
+    has_plan_row: bool
+
+    def allows_origin(self, origin: str | None) -> bool:
+        """No Origin = server-side sender; `*` allows any origin."""
+        if origin is None:
+            return True
+        return "*" in self.allowed_origins or origin in self.allowed_origins
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "id": str(self.id),
+            "public_id": self.public_id,
+            "name": self.name,
+            "allowed_origins": list(self.allowed_origins),
+            "rate_limit_per_minute": self.rate_limit_per_minute,
+            "plan_tier": self.plan.plan_tier,
+            "monthly_limit": self.plan.monthly_limit,
+            "soft_limit_enabled": self.plan.soft_limit_enabled,
+            "hard_cap_multiplier": str(self.plan.hard_cap_multiplier),
+        }
+
+
+def site_from_row(row: asyncpg.Record, default_monthly_limit: int) -> Site:
+    has_plan = row["monthly_limit"] is not None
+    plan = (
+        Plan(
+            monthly_limit=row["monthly_limit"],
+            soft_limit_enabled=row["soft_limit_enabled"],
+            hard_cap_multiplier=Decimal(row["hard_cap_multiplier"]),
+            plan_tier=row["plan_tier"],
+        )
+        if has_plan
+        else Plan(monthly_limit=default_monthly_limit)
+    )
+    return Site(
+        id=row["id"],
+        public_id=row["public_id"],
+        name=row["name"],
+        allowed_origins=tuple(row["allowed_origins"] or ()),
+        rate_limit_per_minute=row["rate_limit_per_minute"],
+        plan=plan,
+        has_plan_row=has_plan,
+    )
+
+
+async def fetch_site_by_public_id(
+    conn: asyncpg.Connection | asyncpg.Pool, public_id: str, default_monthly_limit: int
+) -> Site | None:
+    row = await conn.fetchrow(query("site_by_public_id"), public_id)
+    return None if row is None else site_from_row(row, default_monthly_limit)
+
+
+async def resolve_site(
+    conn: asyncpg.Connection | asyncpg.Pool, ref: str, default_monthly_limit: int = 1000
+) -> Site:
+    """A site by UUID or public id; SiteNotFound otherwise."""
+    row = await conn.fetchrow(query("site_by_ref"), ref)
+    if row is None:
+        raise SiteNotFound(f"no site with id or public id {ref!r}")
+    return site_from_row(row, default_monthly_limit)
+
+
+async def create_site(
+    conn: asyncpg.Connection,
+    *,
+    public_id: str,
+    name: str = "",
+    allowed_origins: list[str] | None = None,
+    rate_limit_per_minute: int | None = None,
+    monthly_limit: int | None = None,
+    soft_limit_enabled: bool | None = None,
+    hard_cap_multiplier: Decimal | None = None,
+    plan_tier: str | None = None,
+    default_monthly_limit: int = 1000,
+) -> Site:
+    """Insert a site (and its plan when any plan field is given) in one transaction."""
+    async with conn.transaction():
+        site_id = await conn.fetchval(
+            query("insert_site"), public_id, name, allowed_origins or [], rate_limit_per_minute
+        )
+        if monthly_limit is not None or soft_limit_enabled or hard_cap_multiplier is not None or plan_tier:
+            await conn.fetchrow(
+                query("upsert_plan"),
+                site_id,
+                plan_tier,
+                default_monthly_limit if monthly_limit is None else monthly_limit,
+                soft_limit_enabled,
+                hard_cap_multiplier,
+            )
+    return await resolve_site(conn, str(site_id), default_monthly_limit)
+
+
+async def set_plan(
+    conn: asyncpg.Connection,
+    site_id: uuid.UUID,
+    *,
+    monthly_limit: int,
+    soft_limit_enabled: bool | None = None,
+    hard_cap_multiplier: Decimal | None = None,
+    plan_tier: str | None = None,
+    actor: str = "cli",
+) -> asyncpg.Record:
+    """Create or change a site's plan; the change is written to the audit log."""
+    async with conn.transaction():
+        row = await conn.fetchrow(
+            query("upsert_plan"), site_id, plan_tier, monthly_limit, soft_limit_enabled, hard_cap_multiplier
+        )
+        await conn.execute(
+            query("insert_audit"),
+            "plan_set",
+            actor,
+            site_id,
+            None,
+            None,
+            {k: str(v) for k, v in dict(row).items()},
+        )
+    return row
+
+
+async def add_member(conn: asyncpg.Connection, site_id: uuid.UUID, user_id: str, role: str) -> None:
+    if role not in ROLES:
+        raise ValueError(f"role must be one of {', '.join(ROLES)}")
+    await conn.execute(query("upsert_member"), site_id, user_id, role)
