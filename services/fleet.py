@@ -37,7 +37,9 @@ def run_fleet(args: argparse.Namespace, settings: Settings) -> int:
         for child, argv in zip(children, FLEET, strict=True):
             code = child.poll()
             if code is not None:
-                print(f"revkernel run: {' '.join(argv)} exited with {code}; stopping the fleet", file=sys.stderr)
+                print(
+                    f"revkernel run: {' '.join(argv)} exited with {code}; stopping the fleet", file=sys.stderr
+                )
                 exit_code = code or 1
                 stopping = True
         time.sleep(0.2)

@@ -26,7 +26,8 @@ def ingest_routing_key(site_public_id: str) -> str:
 async def connect_robust(url: str, **kwargs: Any) -> AbstractRobustConnection:
     """A reconnecting connection (channels and declarations are restored after a broker restart)."""
     kwargs.setdefault("timeout", 5)
-    return await aio_pika.connect_robust(url, **kwargs)
+    connection: AbstractRobustConnection = await aio_pika.connect_robust(url, **kwargs)
+    return connection
 
 
 async def declare_topology(channel: AbstractChannel) -> None:

@@ -73,7 +73,6 @@ def verify_token(settings: Settings, token: str | None) -> Principal:
     if token is None:
         raise AuthError("missing bearer token")
     assert settings.auth_jwt_secret is not None
-    options: dict[str, Any] = {"require": ["exp", "sub"], "verify_aud": bool(settings.auth_jwt_audience)}
     try:
         claims = jwt.decode(
             token,
@@ -81,7 +80,7 @@ def verify_token(settings: Settings, token: str | None) -> Principal:
             algorithms=["HS256"],
             audience=settings.auth_jwt_audience,
             issuer=settings.auth_jwt_issuer,
-            options=options,
+            options={"require": ["exp", "sub"], "verify_aud": bool(settings.auth_jwt_audience)},
         )
     except jwt.PyJWTError as exc:
         raise AuthError(str(exc)) from exc

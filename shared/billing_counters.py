@@ -60,7 +60,7 @@ class BillingCounters:
                     for name, amount in batch.items():
                         pipe.hincrby(self._key, name, amount)
                     await pipe.execute()
-            except (aioredis.RedisError, OSError, asyncio.TimeoutError) as exc:
+            except (TimeoutError, aioredis.RedisError, OSError) as exc:
                 # Not flushed: put the increments back so the next flush carries them.
                 self._pending.update(batch)
                 log.warning("billing_counters_flush_failed", error=str(exc) or type(exc).__name__)
@@ -74,7 +74,7 @@ class BillingCounters:
         try:
             raw = await self._redis.hgetall(self._key)
             fleet = {k.decode() if isinstance(k, bytes) else k: int(v) for k, v in raw.items()}
-        except (aioredis.RedisError, OSError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, aioredis.RedisError, OSError) as exc:
             log.warning("billing_counters_read_failed", error=str(exc) or type(exc).__name__)
         return {name: fleet.get(name, 0) + self._pending.get(name, 0) for name in COUNTER_NAMES}
 

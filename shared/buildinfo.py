@@ -1,4 +1,4 @@
-"""Build identity for response headers and snapshot hashes: COMMIT_SHA/GIT_BRANCH, else git, else `unknown`."""
+"""Build identity for response headers and snapshot hashes: COMMIT_SHA/GIT_BRANCH, else git, else unknown."""
 
 from __future__ import annotations
 

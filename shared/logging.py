@@ -1,4 +1,4 @@
-"""structlog JSON logging: one line per event, context (request_id, site_id, job_id) bound per unit of work."""
+"""structlog JSON logs: one line per event, context (request_id, site_id, job_id) bound per unit of work."""
 
 from __future__ import annotations
 

@@ -65,7 +65,7 @@ class EventPublisher:
                 self.connected.set()
                 log.info("amqp_connected")
                 return
-            except (OSError, asyncio.TimeoutError, aio_pika.exceptions.AMQPError) as exc:
+            except (TimeoutError, OSError, aio_pika.exceptions.AMQPError) as exc:
                 log.warning("amqp_connect_failed", error=str(exc) or type(exc).__name__, retry_in_s=delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
@@ -96,7 +96,7 @@ class EventPublisher:
                 ),
                 timeout=self._timeout_s,
             )
-        except asyncio.TimeoutError as exc:
+        except TimeoutError as exc:
             raise PublishFailed("confirm_timeout") from exc
         except (aio_pika.exceptions.AMQPError, OSError, RuntimeError) as exc:
             raise PublishFailed(type(exc).__name__) from exc

@@ -85,7 +85,7 @@ async def _clients(app: web.Application) -> AsyncIterator[None]:
     await redis.aclose()
     try:
         await asyncio.wait_for(pool.close(), timeout=5)
-    except (asyncio.TimeoutError, asyncpg.PostgresError, OSError):
+    except (TimeoutError, asyncpg.PostgresError, OSError):
         pool.terminate()
 
 

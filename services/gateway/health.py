@@ -15,7 +15,7 @@ from services.gateway.responses import json_response
 async def postgres_reachable(pool: asyncpg.Pool, timeout_s: float = 2.0) -> bool:
     try:
         await asyncio.wait_for(pool.fetchval("SELECT 1"), timeout=timeout_s)
-    except (asyncio.TimeoutError, asyncpg.PostgresError, OSError):
+    except (TimeoutError, asyncpg.PostgresError, OSError):
         return False
     return True
 
@@ -23,7 +23,7 @@ async def postgres_reachable(pool: asyncpg.Pool, timeout_s: float = 2.0) -> bool
 async def redis_reachable(redis: aioredis.Redis) -> bool:
     try:
         return bool(await redis.ping())
-    except (aioredis.RedisError, OSError, asyncio.TimeoutError):
+    except (TimeoutError, aioredis.RedisError, OSError):
         return False
 
 

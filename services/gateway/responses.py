@@ -12,7 +12,9 @@ ERROR_CODE_HEADER = "x-opsmantik-error-code"
 JSON_CONTENT_TYPE = "application/json"
 
 
-def json_response(status: int, body: Mapping[str, Any], headers: Mapping[str, str] | None = None) -> web.Response:
+def json_response(
+    status: int, body: Mapping[str, Any], headers: Mapping[str, str] | None = None
+) -> web.Response:
     return web.Response(
         status=status, body=orjson.dumps(body), content_type=JSON_CONTENT_TYPE, headers=headers
     )
