@@ -46,7 +46,7 @@ class Settings:
         values: dict[str, Any] = {}
 
         def text(name: str, attr: str) -> None:
-            raw = env.get(name, "").strip()
+            raw = env.get(name, "").strip() or _read_secret_file(name, env.get(f"{name}_FILE", "").strip())
             if raw:
                 values[attr] = raw
 
@@ -107,3 +107,14 @@ def parse_networks(raw: str) -> tuple[IpNetwork, ...]:
         except ValueError as exc:
             raise SettingsError(f"TRUSTED_PROXIES has an invalid entry {part!r}") from exc
     return tuple(networks)
+
+
+def _read_secret_file(name: str, path: str) -> str:
+    """`NAME_FILE=/run/secrets/x` (docker/compose secrets): the file's content stands for NAME."""
+    if not path:
+        return ""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return fh.read().strip()
+    except OSError as exc:
+        raise SettingsError(f"{name}_FILE points at {path!r}, which cannot be read: {exc.strerror}") from exc
