@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import asyncpg
 from aiohttp import web
 
-from services.gateway import health
+from services.gateway import export, health
 from services.gateway.context import CONTEXT, REQUEST_ID, SETTINGS, GatewayContext
 from services.gateway.responses import error_response
 from shared.buildinfo import resolve_build_info
@@ -25,7 +25,7 @@ log = get_logger("gateway")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 # Each module contributes its routes (and its own resources) through `setup(app)`.
-ROUTE_MODULES = [health]
+ROUTE_MODULES = [health, export]
 
 _HTTP_ERROR_CODES = {
     404: "not_found",

@@ -24,7 +24,7 @@ class GatewayContext:
 
 CONTEXT = web.AppKey("context", GatewayContext)
 SETTINGS = web.AppKey("settings", Settings)
-REQUEST_ID = "request_id"
+REQUEST_ID = web.RequestKey("request_id", str)
 
 
 def request_id(request: web.Request) -> str:
