@@ -38,4 +38,6 @@ def configure_logging(level: str = "info", stream: Any = None) -> None:
 
 def get_logger(name: str) -> Any:
     """A structlog logger carrying the component name."""
-    return structlog.get_logger(name).bind(component=name)
+    # Initial values (not .bind) keep the logger lazy, so module-level loggers made at import time
+    # still use the configuration `configure_logging` installs later.
+    return structlog.get_logger(name, component=name)

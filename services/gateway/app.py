@@ -10,9 +10,10 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import asyncpg
 from aiohttp import web
 
-from services.gateway import export, health
-from services.gateway.context import CONTEXT, REQUEST_ID, SETTINGS, GatewayContext
+from services.gateway import export, health, metrics_api, sync
+from services.gateway.context import CONTEXT, REQUEST_ID, REQUEST_SITE, SETTINGS, GatewayContext
 from services.gateway.responses import error_response
+from shared.billing_counters import BillingCounters
 from shared.buildinfo import resolve_build_info
 from shared.db import create_pool
 from shared.logging import get_logger
@@ -25,7 +26,7 @@ log = get_logger("gateway")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 # Each module contributes its routes (and its own resources) through `setup(app)`.
-ROUTE_MODULES = [health, export]
+ROUTE_MODULES = [health, sync, export, metrics_api]
 
 _HTTP_ERROR_CODES = {
     404: "not_found",
@@ -59,7 +60,7 @@ async def request_context(request: web.Request, handler: Handler) -> web.StreamR
             request_id=rid,
             method=request.method,
             path=request.path,
-            site=request.get("site"),
+            site=request.get(REQUEST_SITE),
             status=response.status,
             latency_ms=round((time.perf_counter() - started) * 1000, 2),
         )
@@ -73,14 +74,20 @@ async def _clients(app: web.Application) -> AsyncIterator[None]:
     redis = create_redis(settings.redis_url)
     publisher = EventPublisher(settings.amqp_url, timeout_ms=settings.publish_timeout_ms)
     await publisher.start()
+    counters = BillingCounters(redis)
+    flusher = asyncio.create_task(counters.run(), name="billing-counters-flush")
     app[CONTEXT] = GatewayContext(
         settings=settings,
         build=resolve_build_info(settings),
         pool=pool,
         redis=redis,
         publisher=publisher,
+        counters=counters,
     )
     yield
+    flusher.cancel()
+    await asyncio.gather(flusher, return_exceptions=True)
+    await counters.close()
     await publisher.close()
     await redis.aclose()
     try:
@@ -91,7 +98,7 @@ async def _clients(app: web.Application) -> AsyncIterator[None]:
 
 def build_app(settings: Settings) -> web.Application:
     """The whole gateway for `settings`; clients connect when the app starts."""
-    app = web.Application(client_max_size=256 * 1024, middlewares=[request_context])
+    app = web.Application(client_max_size=256 * 1024, middlewares=[metrics_api.request_latency, request_context])
     app[SETTINGS] = settings
     app.cleanup_ctx.append(_clients)
     for module in ROUTE_MODULES:

@@ -8,6 +8,7 @@ import asyncpg
 import redis.asyncio as aioredis
 from aiohttp import web
 
+from shared.billing_counters import BillingCounters
 from shared.buildinfo import BuildInfo
 from shared.publisher import EventPublisher
 from shared.settings import Settings
@@ -20,11 +21,14 @@ class GatewayContext:
     pool: asyncpg.Pool
     redis: aioredis.Redis
     publisher: EventPublisher
+    counters: BillingCounters
 
 
 CONTEXT = web.AppKey("context", GatewayContext)
 SETTINGS = web.AppKey("settings", Settings)
 REQUEST_ID = web.RequestKey("request_id", str)
+# The site public id a request named (for its log line).
+REQUEST_SITE = web.RequestKey("site", str)
 
 
 def request_id(request: web.Request) -> str:

@@ -1,0 +1,290 @@
+"""`/api/sync`: the billing gate, in the order of SPEC §3 — shape → auth → rate limit → capture
+(idempotency → quota → publish → fallback) → count."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from aiohttp import web
+
+from services.gateway.context import CONTEXT, REQUEST_SITE, GatewayContext
+from services.gateway.responses import error_response, json_response
+from shared.events import EventShape, ShapeError, SyncBody, parse_sync_body
+from shared.idempotency import compute_key
+from shared.ingest import (
+    PG_ERRORS,
+    CaptureEvent,
+    CaptureRequest,
+    CaptureResult,
+    EventResult,
+    EventStatus,
+    GateClosed,
+    IngestPipeline,
+)
+from shared.logging import get_logger
+from shared.months import seconds_until_next_month
+from shared.quota import non_billable_reason
+from shared.rate_limit import RateLimiter, client_ip
+from shared.redis_scripts import GateScripts
+from shared.site_cache import SiteCache
+from shared.sites import Site
+
+log = get_logger("sync")
+
+CAPTURE_FAILED_RETRY_AFTER_S = 5
+CORS_HEADERS = {
+    "Access-Control-Allow-Methods": "POST, OPTIONS",
+    "Access-Control-Allow-Headers": "Content-Type",
+    "Access-Control-Max-Age": "86400",
+}
+
+
+@dataclass(slots=True)
+class SyncGate:
+    """The gate's collaborators, built once per process."""
+
+    context: GatewayContext
+    sites: SiteCache
+    rate_limiter: RateLimiter
+    pipeline: IngestPipeline
+
+
+SYNC_GATE = web.AppKey("sync_gate", SyncGate)
+
+
+# -- gates -------------------------------------------------------------------------------------
+
+
+async def sync_post(request: web.Request) -> web.Response:
+    gate = request.app[SYNC_GATE]
+    settings = gate.context.settings
+    try:
+        body = parse_sync_body(await request.read())
+    except ShapeError as exc:
+        status = 413 if exc.code == "payload_too_large" else 400
+        return error_response(status, exc.code, detail=exc.detail)
+    request[REQUEST_SITE] = body.site_public_id
+
+    try:
+        site = await gate.sites.get(body.site_public_id)
+    except PG_ERRORS as exc:
+        return _gate_closed(request, exc)
+    if site is None:
+        return error_response(400, "unknown_site", detail=f"no site with public id {body.site_public_id!r}")
+    if not site.allows_origin(request.headers.get("Origin")):
+        return error_response(403, "origin_not_allowed")
+
+    ip = client_ip(request.remote, request.headers.get("X-Forwarded-For"), settings.trusted_proxies)
+    limit = site.rate_limit_per_minute or settings.rate_limit_per_minute
+    verdict = await gate.rate_limiter.check(site.id, ip, len(body.events), limit)
+    if not verdict.allowed:
+        gate.context.counters.add("billing_ingest_rate_limited_total", len(body.events))
+        return error_response(
+            429,
+            "rate_limited",
+            gate_status="rate_limited",
+            headers={"x-opsmantik-ratelimit": "1", "Retry-After": str(verdict.retry_after_s)},
+        )
+
+    capture = _capture_request(request, body, site, ip, settings.idempotency_version)
+    result: CaptureResult | None = None
+    if capture.events:
+        try:
+            result = await gate.pipeline.capture(capture)
+        except GateClosed as exc:
+            return _gate_closed(request, exc)
+        _count(gate.context, capture, result)
+    if body.is_batch:
+        return _batch_response(body, capture, result)
+    assert result is not None
+    return _single_response(capture.events[0], result)
+
+
+def _capture_request(
+    request: web.Request, body: SyncBody, site: Site, ip: str, version: int
+) -> CaptureRequest:
+    now = datetime.now(UTC)
+    server_ms = int(now.timestamp() * 1000)
+    events = [
+        CaptureEvent(
+            event=shape.event,
+            key=compute_key(site.id, shape.event, server_ms, version),
+            created_at=now,
+            billing_reason=non_billable_reason(shape.event),
+        )
+        for shape in body.events
+        if shape.error is None
+    ]
+    return CaptureRequest(
+        site=site,
+        events=events,
+        is_batch=body.is_batch,
+        client_ip=ip,
+        user_agent=request.headers.get("User-Agent", ""),
+    )
+
+
+def _gate_closed(request: web.Request, exc: BaseException) -> web.Response:
+    log.error("BILLING_GATE_CLOSED", site=request.get(REQUEST_SITE), error=str(exc))
+    return error_response(500, "billing_gate_closed", gate_status="billing_gate_closed")
+
+
+def _count(context: GatewayContext, capture: CaptureRequest, result: CaptureResult) -> None:
+    counters = context.counters
+    for event_result in result.events:
+        status = event_result.status
+        if status in (EventStatus.QUEUED, EventStatus.DEGRADED):
+            counters.add("billing_ingest_allowed_total")
+            if event_result.overage:
+                counters.add("billing_ingest_overage_total")
+            if status is EventStatus.DEGRADED:
+                counters.add("billing_ingest_degraded_total")
+        elif status is EventStatus.DUPLICATE:
+            counters.add("billing_ingest_duplicate_total")
+        elif status is EventStatus.REJECTED_QUOTA:
+            counters.add("billing_ingest_rejected_quota_total")
+
+
+# -- answers -----------------------------------------------------------------------------------
+
+
+def _event_body(item: CaptureEvent, result: EventResult) -> dict[str, Any]:
+    body: dict[str, Any] = {"status": result.status.value}
+    if result.status in (EventStatus.QUEUED, EventStatus.DEGRADED):
+        body["ingest_id"] = item.ingest_id
+        if not item.billable:
+            body["billable"] = False
+        if result.overage:
+            body["overage"] = True
+    return body
+
+
+def _quota_headers(item: CaptureEvent, result: EventResult, capture: CaptureResult) -> dict[str, str]:
+    headers: dict[str, str] = {}
+    if not item.billable or result.quota is None:
+        return headers
+    headers["x-opsmantik-quota-remaining"] = str(result.quota.remaining)
+    if result.overage:
+        headers["x-opsmantik-overage"] = "true"
+    return headers
+
+
+def _degraded_header(*reasons: str) -> dict[str, str]:
+    present = [r for r in reasons if r]
+    return {"x-opsmantik-degraded": ", ".join(present)} if present else {}
+
+
+def _single_response(item: CaptureEvent, capture: CaptureResult) -> web.Response:
+    result = capture.events[0]
+    pg_quota = "quota_pg_conservative" if capture.quota_from_postgres and item.billable else ""
+    status = result.status
+    if status is EventStatus.DUPLICATE:
+        return json_response(200, {"ok": True, "status": "duplicate"}, {"x-opsmantik-dedup": "1"})
+    if status is EventStatus.REJECTED_QUOTA:
+        return error_response(
+            429,
+            "rejected_quota",
+            gate_status="rejected_quota",
+            headers={
+                "x-opsmantik-quota-exceeded": "1",
+                "Retry-After": str(seconds_until_next_month()),
+                "x-opsmantik-quota-remaining": "0",
+                **_degraded_header(pg_quota),
+            },
+        )
+    if status is EventStatus.CAPTURE_FAILED:
+        return error_response(
+            503,
+            "capture_failed",
+            gate_status="capture_failed",
+            headers={"Retry-After": str(CAPTURE_FAILED_RETRY_AFTER_S)},
+        )
+    headers = {"x-opsmantik-dedup": "0", **_quota_headers(item, result, capture)}
+    if status is EventStatus.DEGRADED:
+        headers.update(_degraded_header("broker_publish_failed", pg_quota))
+        headers["x-opsmantik-fallback"] = "true"
+    else:
+        headers.update(_degraded_header(pg_quota))
+    return json_response(200, {"ok": True, **_event_body(item, result)}, headers)
+
+
+def _batch_response(body: SyncBody, capture: CaptureRequest, result: CaptureResult | None) -> web.Response:
+    outcomes = iter(zip(capture.events, result.events, strict=True)) if result else iter(())
+    entries: list[dict[str, Any]] = []
+    tally = {"accepted": 0, "duplicates": 0, "rejected": 0, "invalid": 0}
+    for shape in body.events:
+        if shape.error is not None:
+            entries.append(_invalid_entry(shape))
+            tally["invalid"] += 1
+            continue
+        item, event_result = next(outcomes)
+        if event_result.status is EventStatus.CAPTURE_FAILED:
+            return error_response(
+                503,
+                "capture_failed",
+                gate_status="capture_failed",
+                headers={"Retry-After": str(CAPTURE_FAILED_RETRY_AFTER_S)},
+            )
+        entries.append(_event_body(item, event_result))
+        if event_result.status in (EventStatus.QUEUED, EventStatus.DEGRADED):
+            tally["accepted"] += 1
+        elif event_result.status is EventStatus.DUPLICATE:
+            tally["duplicates"] += 1
+        else:
+            tally["rejected"] += 1
+    headers: dict[str, str] = {}
+    if result is not None and result.quota_from_postgres:
+        headers.update(_degraded_header("quota_pg_conservative"))
+    if result is not None and any(r.status is EventStatus.DEGRADED for r in result.events):
+        headers["x-opsmantik-fallback"] = "true"
+    return json_response(200, {"ok": True, "results": entries, **tally}, headers)
+
+
+def _invalid_entry(shape: EventShape) -> dict[str, Any]:
+    return {"status": "invalid", "error": shape.error, "detail": shape.detail}
+
+
+# -- other methods -----------------------------------------------------------------------------
+
+
+async def sync_options(request: web.Request) -> web.Response:
+    """CORS preflight: the site (hence its allow-list) is only known from the POST body."""
+    headers = dict(CORS_HEADERS)
+    origin = request.headers.get("Origin")
+    if origin:
+        headers["Access-Control-Allow-Origin"] = origin
+        headers["Vary"] = "Origin"
+    return web.Response(status=204, headers=headers)
+
+
+async def sync_method_not_allowed(request: web.Request) -> web.Response:
+    return error_response(405, "method_not_allowed", headers={"Allow": "POST, OPTIONS"})
+
+
+async def _sync_gate(app: web.Application) -> AsyncIterator[None]:
+    context = app[CONTEXT]
+    settings = context.settings
+    app[SYNC_GATE] = gate = SyncGate(
+        context=context,
+        sites=SiteCache(
+            context.pool,
+            ttl_s=settings.site_cache_ttl_s,
+            default_monthly_limit=settings.default_monthly_limit,
+        ),
+        rate_limiter=RateLimiter(context.redis, GateScripts(context.redis)),
+        pipeline=IngestPipeline(context.pool, context.redis, context.publisher),
+    )
+    yield
+    await asyncio.wait_for(gate.pipeline.drain(), timeout=30)
+
+
+def setup(app: web.Application) -> None:
+    app.cleanup_ctx.append(_sync_gate)
+    app.router.add_post("/api/sync", sync_post)
+    app.router.add_route("OPTIONS", "/api/sync", sync_options)
+    for method in ("GET", "PUT", "PATCH", "DELETE"):
+        app.router.add_route(method, "/api/sync", sync_method_not_allowed)

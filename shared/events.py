@@ -1,0 +1,129 @@
+"""The shape gate (SPEC §3 gate 1): pure validation of `/api/sync` bodies, no I/O."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+MAX_BODY_BYTES = 256 * 1024
+MAX_BATCH = 100
+MAX_SITE_ID = 128
+MAX_URL = 4096
+MAX_LABEL = 256
+
+
+class ShapeError(Exception):
+    """The whole request is malformed: answered 400 with `code`."""
+
+    def __init__(self, code: str, detail: str) -> None:
+        super().__init__(detail)
+        self.code = code
+        self.detail = detail
+
+
+@dataclass(frozen=True, slots=True)
+class EventShape:
+    """One event of a request: the object, or why it is invalid (`error` = an error code)."""
+
+    event: dict[str, Any]
+    error: str | None = None
+    detail: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SyncBody:
+    site_public_id: str
+    events: list[EventShape]
+    is_batch: bool
+
+
+def _optional_string(event: dict[str, Any], key: str, max_len: int | None) -> str | None:
+    value = event.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        return f"`{key}` must be a string"
+    if max_len is not None and len(value) > max_len:
+        return f"`{key}` is longer than {max_len} characters"
+    return None
+
+
+def event_problem(event: Any) -> str | None:
+    """Why `event` breaks the field rules of SPEC §3, or None when it is well-formed."""
+    if not isinstance(event, dict):
+        return "an event must be a JSON object"
+    site = event.get("s")
+    if not isinstance(site, str) or not site:
+        return "`s` (site public id) is required and must be a non-empty string"
+    if len(site) > MAX_SITE_ID:
+        return f"`s` is longer than {MAX_SITE_ID} characters"
+    url_key = "url" if event.get("url") is not None else "u"
+    url = event.get(url_key)
+    if not isinstance(url, str) or not url.strip():
+        return "`url` (or legacy `u`) is required and must be a non-empty string"
+    if len(url) > MAX_URL:
+        return f"`{url_key}` is longer than {MAX_URL} characters"
+    return _optional_field_problem(event)
+
+
+def _optional_field_problem(event: dict[str, Any]) -> str | None:
+    for key, max_len in (("ec", MAX_LABEL), ("ea", MAX_LABEL), ("el", MAX_LABEL), ("sid", None), ("r", None)):
+        problem = _optional_string(event, key, max_len)
+        if problem:
+            return problem
+    ev = event.get("ev")
+    if ev is not None and (isinstance(ev, bool) or not isinstance(ev, int | float | str)):
+        return "`ev` must be a number or a string"
+    ts = event.get("ts")
+    if ts is not None and (isinstance(ts, bool) or not isinstance(ts, int | float) or not math.isfinite(ts)):
+        return "`ts` must be a number (ms or s)"
+    meta = event.get("meta")
+    if meta is not None:
+        if not isinstance(meta, dict):
+            return "`meta` must be an object"
+        if meta.get("fp") is not None and not isinstance(meta["fp"], str):
+            return "`meta.fp` must be a string"
+    return None
+
+
+def parse_sync_body(raw: bytes) -> SyncBody:
+    """Parse and validate a single event or a batch `{"events": [...]}` (ShapeError when malformed).
+
+    A malformed event inside a well-formed batch is not an error of the request: it comes back as an
+    EventShape with `error = "invalid_payload"` and the other events proceed.
+    """
+    if len(raw) > MAX_BODY_BYTES:
+        raise ShapeError("payload_too_large", f"body is larger than {MAX_BODY_BYTES} bytes")
+    try:
+        data = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise ShapeError("invalid_json", f"body is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise ShapeError("invalid_json", "body must be a JSON object")
+    if "events" in data:
+        return _parse_batch(data["events"])
+    problem = event_problem(data)
+    if problem:
+        raise ShapeError("invalid_payload", problem)
+    return SyncBody(site_public_id=data["s"], events=[EventShape(data)], is_batch=False)
+
+
+def _parse_batch(events: Any) -> SyncBody:
+    if not isinstance(events, list) or not 1 <= len(events) <= MAX_BATCH:
+        raise ShapeError("invalid_batch", f"`events` must be an array of 1-{MAX_BATCH} events")
+    if not all(isinstance(e, dict) for e in events):
+        raise ShapeError("invalid_batch", "every element of `events` must be an object")
+    sites = {e.get("s") for e in events}
+    if len(sites) != 1:
+        raise ShapeError("invalid_batch", "every event of a batch must name the same site in `s`")
+    site = next(iter(sites))
+    if not isinstance(site, str) or not site or len(site) > MAX_SITE_ID:
+        raise ShapeError("invalid_batch", "the batch's `s` must be a non-empty string of at most 128 chars")
+    shapes = []
+    for event in events:
+        problem = event_problem(event)
+        shapes.append(EventShape(event, "invalid_payload", problem) if problem else EventShape(event))
+    return SyncBody(site_public_id=site, events=shapes, is_batch=True)

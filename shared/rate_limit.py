@@ -1,0 +1,135 @@
+"""The rate-limit gate (SPEC §3 gate 3): per (site, client IP), fixed 60 s windows in Redis, a local
+in-process limiter while Redis is down (never a closed gate)."""
+
+from __future__ import annotations
+
+import ipaddress
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from uuid import UUID
+
+import redis.asyncio as aioredis
+
+from shared.batching import MicroBatcher
+from shared.logging import get_logger
+from shared.redis_scripts import GateScripts, run_script
+from shared.settings import IpNetwork
+
+WINDOW_MS = 60_000
+REDIS_ERRORS = (aioredis.RedisError, OSError, TimeoutError)
+
+log = get_logger("rate_limit")
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimitAsk:
+    site_id: UUID
+    client_ip: str
+    units: int
+    limit: int
+    now_ms: int
+
+    @property
+    def window(self) -> int:
+        return self.now_ms // WINDOW_MS
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimitVerdict:
+    allowed: bool
+    retry_after_s: int
+    local: bool  # decided by the in-process limiter because Redis was unreachable
+
+
+def retry_after_seconds(now_ms: int) -> int:
+    """Whole seconds, rounded up, to the end of the current window."""
+    window_end = (now_ms // WINDOW_MS + 1) * WINDOW_MS
+    return max(1, math.ceil((window_end - now_ms) / 1000))
+
+
+def client_ip(peer: str | None, forwarded_for: str | None, trusted: Sequence[IpNetwork]) -> str:
+    """The client address: the peer, unless the peer is a trusted proxy; then the right-most
+    X-Forwarded-For hop that is not itself a trusted proxy."""
+    peer = peer or "unknown"
+    if not forwarded_for or not trusted or not _is_trusted(peer, trusted):
+        return peer
+    hops = [hop.strip() for hop in forwarded_for.split(",") if hop.strip()]
+    for hop in reversed(hops):
+        if not _is_trusted(hop, trusted):
+            return hop if _is_ip(hop) else peer
+    return hops[0] if hops and _is_ip(hops[0]) else peer
+
+
+def _is_ip(value: str) -> bool:
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        return False
+    return True
+
+
+def _is_trusted(address: str, trusted: Sequence[IpNetwork]) -> bool:
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    return any(ip in net for net in trusted)
+
+
+class LocalRateLimiter:
+    """The same fixed windows, counted in this process only."""
+
+    def __init__(self) -> None:
+        self._windows: dict[tuple[UUID, str, int], int] = {}
+        self._current_window = -1
+
+    def admit(self, ask: RateLimitAsk) -> bool:
+        if ask.window != self._current_window:
+            self._windows = {k: v for k, v in self._windows.items() if k[2] >= ask.window}
+            self._current_window = ask.window
+        key = (ask.site_id, ask.client_ip, ask.window)
+        used = self._windows.get(key, 0)
+        if used + ask.units > ask.limit:
+            return False
+        self._windows[key] = used + ask.units
+        return True
+
+
+class RateLimiter:
+    """Checks of concurrent requests share one Redis script call."""
+
+    def __init__(self, redis: aioredis.Redis, scripts: GateScripts, *, redis_retry_s: float = 1.0) -> None:
+        self._redis = redis
+        self._scripts = scripts
+        self._local = LocalRateLimiter()
+        self._redis_down_until = 0.0
+        self._redis_retry_s = redis_retry_s
+        self._batcher: MicroBatcher[RateLimitAsk, RateLimitVerdict] = MicroBatcher(
+            self._check_many, max_items=256, max_concurrency=2, name="rate-limit"
+        )
+
+    async def check(self, site_id: UUID, ip: str, units: int, limit: int) -> RateLimitVerdict:
+        ask = RateLimitAsk(site_id, ip, units, limit, int(time.time() * 1000))
+        return await self._batcher.submit(ask)
+
+    async def _check_many(self, asks: list[RateLimitAsk]) -> list[RateLimitVerdict]:
+        if time.monotonic() >= self._redis_down_until:
+            keys = [f"rl:{a.site_id}:{a.client_ip}:{a.window}" for a in asks]
+            args: list[int] = []
+            for ask in asks:
+                args += [ask.units, ask.limit, WINDOW_MS * 2]
+            try:
+                admitted = await run_script(self._scripts.rate_limit, keys, args)
+            except REDIS_ERRORS as exc:
+                self._redis_down_until = time.monotonic() + self._redis_retry_s
+                log.warning("rate_limit_redis_unavailable", error=str(exc) or type(exc).__name__)
+            else:
+                return [
+                    RateLimitVerdict(bool(ok), retry_after_seconds(a.now_ms), local=False)
+                    for a, ok in zip(asks, admitted, strict=True)
+                ]
+        return [
+            RateLimitVerdict(self._local.admit(a), retry_after_seconds(a.now_ms), local=True) for a in asks
+        ]

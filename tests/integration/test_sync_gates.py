@@ -1,0 +1,413 @@
+"""Every row of the SPEC §3 response table, each asserting the answer, the rows in Postgres and what
+reached `ingest.events`."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+from typing import Any
+
+import asyncpg
+import orjson
+from aiohttp.test_utils import TestClient
+
+from shared.idempotency import compute_key
+from shared.months import seconds_until_next_month
+from shared.settings import Settings
+from tests.conftest import RedisServer
+from tests.integration.conftest import MakeSite
+from tests.support.gateway import drain_queue, gateway_client, published_events, wait_for_amqp
+from tests.support.proxy import TcpProxy
+
+Client = TestClient[Any, Any]
+
+
+def event(site: str = "site-a", url: str | None = None, **extra: Any) -> dict[str, Any]:
+    return {"s": site, "url": url or f"https://example.com/{uuid.uuid4().hex}", **extra}
+
+
+async def post(client: Client, body: Any, **headers: str) -> tuple[int, dict[str, Any], Any]:
+    raw = body if isinstance(body, bytes) else orjson.dumps(body)
+    response = await client.post(
+        "/api/sync", data=raw, headers={"Content-Type": "application/json", **headers}
+    )
+    return response.status, await response.json(), response.headers
+
+
+async def rows(db: asyncpg.Connection) -> list[asyncpg.Record]:
+    return await db.fetch("SELECT * FROM ingest_idempotency ORDER BY id")
+
+
+def assert_build_headers(headers: Any) -> None:
+    assert headers["x-opsmantik-commit"] == "testsha"
+    assert headers["x-opsmantik-branch"] == "testbranch"
+    assert len(headers["x-request-id"]) == 32
+
+
+async def test_accepted(gateway: Client, db: asyncpg.Connection, make_site: MakeSite, amqp_url: str) -> None:
+    site = await make_site(monthly_limit=10)
+    sent = event(ec="c", ea="e", el="l", sid="sess-1", custom="kept")
+    status, body, headers = await post(gateway, sent, **{"User-Agent": "tracker/1.0"})
+
+    assert status == 200
+    assert body["ok"] is True and body["status"] == "queued"
+    assert headers["x-opsmantik-dedup"] == "0"
+    assert headers["x-opsmantik-quota-remaining"] == "9"
+    assert_build_headers(headers)
+    [row] = await rows(db)
+    assert row["billable"] is True and row["billing_state"] == "ACCEPTED"
+    assert row["site_id"] == site.id and row["idempotency_version"] == 1
+    assert (row["event_category"], row["event_action"], row["event_label"]) == ("c", "e", "l")
+    assert row["expires_at"] - row["created_at"] == __import__("datetime").timedelta(days=90)
+    messages = await drain_queue(amqp_url)
+    assert len(messages) == 1
+    message = messages[0]
+    assert message.message_id == body["ingest_id"]
+    assert message.routing_key == "event.site-a"
+    assert message.content_type == "application/json"
+    assert message.delivery_mode == 2
+    published = orjson.loads(message.body)
+    assert published["custom"] == "kept" and published["url"] == sent["url"]
+    assert published["ingest_id"] == body["ingest_id"]
+    assert published["idempotency_key"] == row["idempotency_key"]
+    assert published["site_id"] == str(site.id)
+    assert published["ip"] == "127.0.0.1" and published["ua"] == "tracker/1.0"
+    received = datetime.fromisoformat(published["received_at"].replace("Z", "+00:00"))
+    assert received == row["created_at"]
+
+
+async def test_accepted_as_overage(
+    gateway: Client, db: asyncpg.Connection, make_site: MakeSite, amqp_url: str
+) -> None:
+    await make_site(monthly_limit=1, soft=True, multiplier="2")
+    await post(gateway, event())
+    status, body, headers = await post(gateway, event())
+
+    assert status == 200 and body["status"] == "queued" and body["overage"] is True
+    assert headers["x-opsmantik-overage"] == "true"
+    assert headers["x-opsmantik-quota-remaining"] == "0"
+    states = [r["billing_state"] for r in await rows(db)]
+    assert states == ["ACCEPTED", "OVERAGE"]
+    assert len(await drain_queue(amqp_url)) == 2
+
+
+async def test_duplicate_is_not_published_or_counted(
+    gateway: Client, db: asyncpg.Connection, make_site: MakeSite, amqp_url: str, redis_client: Any
+) -> None:
+    site = await make_site(monthly_limit=10)
+    sent = event(ec="c", ea="e")
+    first = await post(gateway, sent)
+    status, body, headers = await post(gateway, sent)
+
+    assert first[1]["status"] == "queued"
+    assert status == 200 and body == {"ok": True, "status": "duplicate"}
+    assert headers["x-opsmantik-dedup"] == "1"
+    assert len(await rows(db)) == 1
+    assert len(await drain_queue(amqp_url)) == 1
+    month = datetime.now(UTC).strftime("%Y-%m")
+    assert await redis_client.get(f"usage:{site.id}:{month}") == "1"
+
+
+async def test_rate_limited_leaves_no_row(
+    gateway: Client, db: asyncpg.Connection, make_site: MakeSite, amqp_url: str
+) -> None:
+    await make_site(rate_limit_per_minute=2)
+    assert (await post(gateway, event()))[0] == 200
+    assert (await post(gateway, event()))[0] == 200
+    status, body, headers = await post(gateway, event())
+
+    assert status == 429
+    assert body == {"ok": False, "error": "rate_limited", "status": "rate_limited"}
+    assert headers["x-opsmantik-ratelimit"] == "1"
+    assert headers["x-opsmantik-error-code"] == "rate_limited"
+    assert 1 <= int(headers["Retry-After"]) <= 60
+    assert len(await rows(db)) == 2
+    assert len(await drain_queue(amqp_url)) == 2
+
+
+async def test_rate_limit_uses_forwarded_for_only_from_trusted_proxies(
+    settings: Settings, db: asyncpg.Connection, make_site: MakeSite, amqp_url: str
+) -> None:
+    await make_site(rate_limit_per_minute=1)
+    trusted = settings.with_overrides(
+        trusted_proxies=__import__("shared.settings").settings.parse_networks("127.0.0.1")
+    )
+    async with gateway_client(trusted) as client:
+        await wait_for_amqp(client)
+        assert (await post(client, event(), **{"X-Forwarded-For": "203.0.113.7"}))[0] == 200
+        # another client behind the same proxy has its own window
+        assert (await post(client, event(), **{"X-Forwarded-For": "203.0.113.8"}))[0] == 200
+        assert (await post(client, event(), **{"X-Forwarded-For": "203.0.113.7"}))[0] == 429
+    messages = await drain_queue(amqp_url)
+    assert sorted(e["ip"] for e in published_events(messages)) == ["203.0.113.7", "203.0.113.8"]
+
+
+async def test_forwarded_for_is_ignored_from_untrusted_peers(
+    gateway: Client, db: asyncpg.Connection, make_site: MakeSite
+) -> None:
+    await make_site(rate_limit_per_minute=1)
+    assert (await post(gateway, event(), **{"X-Forwarded-For": "203.0.113.7"}))[0] == 200
+    assert (await post(gateway, event(), **{"X-Forwarded-For": "203.0.113.8"}))[0] == 429
+
+
+async def test_quota_rejected_keeps_a_non_billable_row_and_publishes_nothing(
+    gateway: Client, db: asyncpg.Connection, make_site: MakeSite, amqp_url: str
+) -> None:
+    await make_site(monthly_limit=1)
+    await post(gateway, event())
+    before = seconds_until_next_month()
+    status, body, headers = await post(gateway, event())
+
+    assert status == 429
+    assert body == {"ok": False, "error": "rejected_quota", "status": "rejected_quota"}
+    assert headers["x-opsmantik-quota-exceeded"] == "1"
+    assert headers["x-opsmantik-quota-remaining"] == "0"
+    assert before - 5 <= int(headers["Retry-After"]) <= before
+    second = (await rows(db))[1]
+    assert second["billable"] is False and second["billing_reason"] == "rejected_quota"
+    assert len(await drain_queue(amqp_url)) == 1
+    assert await db.fetchval("SELECT count(*) FROM ingest_fallback_buffer") == 0
+
+
+async def test_non_billable_classes_skip_quota_and_are_published(
+    gateway: Client, db: asyncpg.Connection, make_site: MakeSite, amqp_url: str
+) -> None:
+    await make_site(monthly_limit=0)
+    status, body, headers = await post(gateway, event(ec="system", ea="boot"))
+    status2, body2, _ = await post(gateway, event(ec="interaction", ea="scroll_depth"))
+    status3, _, _ = await post(gateway, event(ec="interaction", ea="click"))
+
+    assert (status, status2, status3) == (200, 200, 429)
+    assert body["status"] == "queued" and body["billable"] is False
+    assert "x-opsmantik-quota-remaining" not in headers
+    reasons = [(r["billable"], r["billing_reason"]) for r in await rows(db)]
+    assert reasons == [(False, "system"), (False, "scroll_depth"), (False, "rejected_quota")]
+    assert len(await drain_queue(amqp_url)) == 2
+
+
+async def test_degraded_capture_when_broker_unreachable(
+    settings: Settings, db: asyncpg.Connection, make_site: MakeSite, amqp_url: str
+) -> None:
+    await make_site(monthly_limit=10)
+    proxy = await TcpProxy("127.0.0.1", 5672).start()
+    vhost = amqp_url.rsplit("/", 1)[1]
+    try:
+        async with gateway_client(
+            settings.with_overrides(amqp_url=f"amqp://guest:guest@127.0.0.1:{proxy.port}/{vhost}")
+        ) as client:
+            await wait_for_amqp(client)
+            await proxy.cut()
+            status, body, headers = await post(client, event())
+    finally:
+        await proxy.close()
+
+    assert status == 200 and body["status"] == "degraded" and body["ingest_id"]
+    assert headers["x-opsmantik-degraded"] == "broker_publish_failed"
+    assert headers["x-opsmantik-fallback"] == "true"
+    [row] = await rows(db)
+    assert row["billing_state"] == "DEGRADED_CAPTURE" and row["billable"] is True
+    [buffered] = await db.fetch("SELECT * FROM ingest_fallback_buffer")
+    assert buffered["status"] == "PENDING" and buffered["idempotency_key"] == row["idempotency_key"]
+    assert buffered["payload"]["ingest_id"] == body["ingest_id"]
+    assert buffered["routing_key"] == "event.site-a"
+    assert await drain_queue(amqp_url) == []
+
+
+async def test_postgres_unreachable_closes_the_gate(
+    settings: Settings, db: asyncpg.Connection, make_site: MakeSite, amqp_url: str
+) -> None:
+    await make_site(monthly_limit=10)
+    proxy = await TcpProxy("127.0.0.1", 5432).start()
+    database = settings.database_url.rsplit("/", 1)[1]
+    proxied = settings.with_overrides(database_url=f"postgresql://postgres@127.0.0.1:{proxy.port}/{database}")
+    try:
+        async with gateway_client(proxied) as client:
+            await wait_for_amqp(client)
+            assert (await post(client, event()))[0] == 200  # site now cached
+            await proxy.cut()
+            status, body, headers = await post(client, event())
+            cold_status, cold_body, _ = await post(client, event(site="site-unknown-to-cache"))
+            ready = await client.get("/readyz")
+            assert ready.status == 503
+    finally:
+        await proxy.close()
+
+    assert status == 500 and cold_status == 500
+    assert body == {"ok": False, "error": "billing_gate_closed", "status": "billing_gate_closed"}
+    assert headers["x-opsmantik-error-code"] == "billing_gate_closed"
+    assert cold_body["error"] == "billing_gate_closed"
+    assert len(await rows(db)) == 1
+    assert len(await drain_queue(amqp_url)) == 1  # only the event sent before the cut
+
+
+async def test_broker_and_buffer_both_failing_is_503_with_no_row(
+    settings: Settings, db: asyncpg.Connection, make_site: MakeSite, amqp_url: str, redis_client: Any
+) -> None:
+    site = await make_site(monthly_limit=10)
+    # The buffer write really fails: a trigger refuses every insert into the buffer.
+    await db.execute(
+        """CREATE FUNCTION refuse_buffer() RETURNS trigger LANGUAGE plpgsql AS
+           $$ BEGIN RAISE EXCEPTION 'disk full'; END $$;
+           CREATE TRIGGER refuse_buffer BEFORE INSERT ON ingest_fallback_buffer
+           FOR EACH ROW EXECUTE FUNCTION refuse_buffer();"""
+    )
+    proxy = await TcpProxy("127.0.0.1", 5672).start()
+    vhost = amqp_url.rsplit("/", 1)[1]
+    sent = event()
+    try:
+        async with gateway_client(
+            settings.with_overrides(amqp_url=f"amqp://guest:guest@127.0.0.1:{proxy.port}/{vhost}")
+        ) as client:
+            await wait_for_amqp(client)
+            await post(client, event())  # one accepted event before the fault
+            await proxy.cut()
+            status, body, headers = await post(client, sent)
+            assert status == 503
+            assert body == {"ok": False, "error": "capture_failed", "status": "capture_failed"}
+            assert int(headers["Retry-After"]) > 0
+            assert len(await rows(db)) == 1
+            month = datetime.now(UTC).strftime("%Y-%m")
+            assert await redis_client.get(f"usage:{site.id}:{month}") == "1"  # reservation released
+
+            # the retry is processed afresh, not taken for a duplicate
+            await db.execute("DROP TRIGGER refuse_buffer ON ingest_fallback_buffer")
+            proxy.restore()
+            await wait_for_amqp(client, timeout_s=30)
+            retry_status, retry_body, _ = await post(client, sent)
+    finally:
+        await proxy.close()
+    assert retry_status == 200 and retry_body["status"] in ("queued", "degraded")
+    assert len(await rows(db)) == 2
+
+
+async def test_quota_from_postgres_when_redis_is_down(
+    settings: Settings, db: asyncpg.Connection, make_site: MakeSite, amqp_url: str
+) -> None:
+    await make_site(monthly_limit=2)
+    redis = RedisServer().start()
+    try:
+        async with gateway_client(settings.with_overrides(redis_url=redis.url())) as client:
+            await wait_for_amqp(client)
+            assert (await post(client, event()))[0] == 200
+            redis.stop()
+            status, body, headers = await post(client, event())
+            rejected_status, _, rejected_headers = await post(client, event())
+    finally:
+        redis.stop()
+    assert status == 200 and body["status"] == "queued"
+    assert headers["x-opsmantik-degraded"] == "quota_pg_conservative"
+    assert headers["x-opsmantik-quota-remaining"] == "0"
+    assert rejected_status == 429 and rejected_headers["x-opsmantik-quota-exceeded"] == "1"
+    assert [r["billable"] for r in await rows(db)] == [True, True, False]
+    assert len(await drain_queue(amqp_url)) == 2
+
+
+async def test_bad_input_answers(gateway: Client, db: asyncpg.Connection, make_site: MakeSite) -> None:
+    await make_site(origins=["https://shop.example"])
+    cases: list[tuple[bytes | Any, dict[str, str], int, str]] = [
+        (b"{not json", {}, 400, "invalid_json"),
+        ([1, 2], {}, 400, "invalid_json"),
+        ({"url": "https://x"}, {}, 400, "invalid_payload"),
+        ({"s": "site-a"}, {}, 400, "invalid_payload"),
+        ({"s": "site-a", "url": "https://x", "ec": 5}, {}, 400, "invalid_payload"),
+        ({"s": "site-a", "url": "x" * 4097}, {}, 400, "invalid_payload"),
+        ({"events": []}, {}, 400, "invalid_batch"),
+        ({"events": [event(), event(site="other")]}, {}, 400, "invalid_batch"),
+        ({"events": [event()] * 101}, {}, 400, "invalid_batch"),
+        (event(site="nope"), {}, 400, "unknown_site"),
+        (event(), {"Origin": "https://evil.example"}, 403, "origin_not_allowed"),
+        (
+            b"{" + b'"s":"site-a","url":"https://x","pad":"' + b"x" * (257 * 1024) + b'"}',
+            {},
+            413,
+            "payload_too_large",
+        ),
+    ]
+    for body, headers, expected_status, code in cases:
+        status, answer, answer_headers = await post(gateway, body, **headers)
+        assert (status, answer.get("error")) == (expected_status, code), (
+            body if len(str(body)) < 200 else code
+        )
+        assert answer["ok"] is False
+        assert answer_headers["x-opsmantik-error-code"] == code
+    assert await rows(db) == []
+    allowed = await post(gateway, event(), Origin="https://shop.example")
+    assert allowed[0] == 200
+
+
+async def test_method_not_allowed_and_cors_preflight(gateway: Client) -> None:
+    response = await gateway.get("/api/sync")
+    assert response.status == 405
+    assert (await response.json())["error"] == "method_not_allowed"
+    assert response.headers["x-opsmantik-error-code"] == "method_not_allowed"
+
+    preflight = await gateway.options("/api/sync", headers={"Origin": "https://shop.example"})
+    assert preflight.status == 204
+    assert preflight.headers["Access-Control-Allow-Origin"] == "https://shop.example"
+    assert preflight.headers["Access-Control-Allow-Methods"] == "POST, OPTIONS"
+    assert preflight.headers["Access-Control-Allow-Headers"] == "Content-Type"
+    assert preflight.headers["Access-Control-Max-Age"] == "86400"
+
+
+async def test_batch_results_in_order_with_in_batch_duplicate(
+    gateway: Client, db: asyncpg.Connection, make_site: MakeSite, amqp_url: str
+) -> None:
+    await make_site(monthly_limit=3)
+    same = event(ec="c", ea="e")
+    batch = {"events": [event(), same, same, {"s": "site-a"}, event(), event(), event(ec="system")]}
+    status, body, _ = await post(gateway, batch)
+
+    assert status == 200 and body["ok"] is True
+    assert [r["status"] for r in body["results"]] == [
+        "queued",
+        "queued",
+        "duplicate",
+        "invalid",
+        "queued",
+        "rejected_quota",
+        "queued",
+    ]
+    assert body["results"][3]["error"] == "invalid_payload"
+    assert (body["accepted"], body["duplicates"], body["rejected"], body["invalid"]) == (4, 1, 1, 1)
+    assert len(await rows(db)) == 5
+    messages = await drain_queue(amqp_url)
+    assert len(messages) == 1
+    assert messages[0].headers["x-event-count"] == 4
+    events = published_events(messages)
+    assert [e["ingest_id"] for e in events] == [
+        r["ingest_id"] for r in body["results"] if r["status"] == "queued"
+    ]
+
+
+async def test_batch_of_one_is_a_batch_message(gateway: Client, make_site: MakeSite, amqp_url: str) -> None:
+    await make_site()
+    status, body, _ = await post(gateway, {"events": [event()]})
+    assert status == 200 and body["accepted"] == 1
+    [message] = await drain_queue(amqp_url)
+    assert message.headers["x-event-count"] == 1
+    assert len(orjson.loads(message.body)["events"]) == 1
+
+
+async def test_batch_without_accepted_events_publishes_nothing(
+    gateway: Client, make_site: MakeSite, amqp_url: str
+) -> None:
+    await make_site()
+    status, body, _ = await post(gateway, {"events": [{"s": "site-a"}, {"s": "site-a", "url": 3}]})
+    assert status == 200 and body["invalid"] == 2 and body["accepted"] == 0
+    assert await drain_queue(amqp_url) == []
+
+
+async def test_v2_keys_are_stored_with_their_version(
+    settings: Settings, db: asyncpg.Connection, make_site: MakeSite
+) -> None:
+    site = await make_site()
+    async with gateway_client(settings.with_overrides(idempotency_version=2)) as client:
+        await wait_for_amqp(client)
+        sent = event(ea="click", sid="s1", ts=1)
+        before_ms = int(datetime.now(UTC).timestamp() * 1000)
+        await post(client, sent)
+        after_ms = int(datetime.now(UTC).timestamp() * 1000)
+    [row] = await rows(db)
+    assert row["idempotency_version"] == 2 and row["idempotency_key"].startswith("v2:")
+    candidates = {compute_key(site.id, sent, ms, 2).key for ms in range(before_ms, after_ms + 1)}
+    assert row["idempotency_key"] in candidates

@@ -1,0 +1,115 @@
+"""Running the gateway for a test: in-process (aiohttp TestServer) or as `revkernel gateway` processes."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aio_pika
+import orjson
+from aiohttp import ClientSession
+from aiohttp.test_utils import TestClient, TestServer
+
+from services.gateway.app import build_app
+from shared.amqp import INGEST_QUEUE
+from shared.settings import Settings
+
+
+@contextlib.asynccontextmanager
+async def gateway_client(settings: Settings) -> AsyncIterator[TestClient[Any, Any]]:
+    """The whole gateway app on a free port, with a client; waits until the broker is connected
+    when the AMQP URL is reachable (so "degraded" never comes from a slow start)."""
+    app = build_app(settings)
+    client: TestClient[Any, Any] = TestClient(TestServer(app))
+    await client.start_server()
+    try:
+        yield client
+    finally:
+        await client.close()
+
+
+async def drain_queue(
+    amqp_url: str, queue_name: str = INGEST_QUEUE
+) -> list[aio_pika.abc.AbstractIncomingMessage]:
+    """Every message now in `queue_name` (acked, so the queue is empty afterwards)."""
+    connection = await aio_pika.connect(amqp_url)
+    messages = []
+    async with connection:
+        channel = await connection.channel()
+        queue = await channel.get_queue(queue_name)
+        while True:
+            message = await queue.get(no_ack=False, fail=False, timeout=5)
+            if message is None:
+                break
+            await message.ack()
+            messages.append(message)
+    return messages
+
+
+def published_events(messages: list[aio_pika.abc.AbstractIncomingMessage]) -> list[dict[str, Any]]:
+    """The events inside messages (a batch message carries `{"events": [...]}`)."""
+    events: list[dict[str, Any]] = []
+    for message in messages:
+        body = orjson.loads(message.body)
+        events.extend(body.get("events", [body]))
+    return events
+
+
+class GatewayProcesses:
+    """`revkernel gateway --workers N` as a subprocess on a free port."""
+
+    def __init__(self, env: dict[str, str], port: int, workers: int = 2) -> None:
+        self.env = {**env, "GATEWAY_HOST": "127.0.0.1", "GATEWAY_PORT": str(port)}
+        self.port = port
+        self.workers = workers
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def start(self, timeout_s: float = 30) -> GatewayProcesses:
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "services.cli", "gateway", "--workers", str(self.workers)],
+            env=self.env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE if os.environ.get("RK_TEST_QUIET_GATEWAY") else None,
+        )
+        deadline = time.monotonic() + timeout_s
+        async with ClientSession() as session:
+            while time.monotonic() < deadline:
+                with contextlib.suppress(OSError):
+                    async with session.get(f"{self.url}/readyz") as response:
+                        body = await response.json()
+                        if response.status == 200 and body["checks"]["rabbitmq"]:
+                            return self
+                await asyncio.sleep(0.1)
+        raise RuntimeError("gateway processes did not become ready")
+
+    def stop(self) -> int:
+        if self.process is None:
+            return 0
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        code = self.process.wait(timeout=60)
+        self.process = None
+        return code
+
+
+async def wait_for_amqp(client: TestClient[Any, Any], timeout_s: float = 15) -> None:
+    """Until the gateway's publisher reports a channel (readiness says rabbitmq: true)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        response = await client.get("/readyz")
+        body = await response.json()
+        if body["checks"]["rabbitmq"]:
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError("the gateway never connected to RabbitMQ")
