@@ -1,0 +1,261 @@
+"""Retention (SPEC §7) against real Postgres: rows aged by SQL in old month partitions, run as the
+fleet's role (which has no DDL of its own)."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime, timedelta
+
+import asyncpg
+import pytest
+
+from shared.db import SERVICE_ROLE
+from shared.months import add_months, current_year_month, month_start
+from shared.retention import RetentionSettings, run_retention
+
+NOW = datetime.now(UTC)
+CURRENT = current_year_month(NOW)
+PREVIOUS = add_months(CURRENT, -1)
+EXPIRED_MONTH = add_months(CURRENT, -6)  # every row expired: dropped
+PARTLY_MONTH = add_months(CURRENT, -4)  # some rows expired: trimmed
+LIVE_MONTH = add_months(CURRENT, -3)  # no row expired: untouched
+DEFAULT_MONTH = add_months(CURRENT, -8)  # no partition: its rows sit in the DEFAULT partition
+NINETY_DAYS = timedelta(hours=2160)
+
+
+def part(month: str) -> str:
+    return "ingest_idempotency_p" + month.replace("-", "_")
+
+
+async def partitions(db: asyncpg.Connection) -> set[str]:
+    rows = await db.fetch(
+        "SELECT inhrelid::regclass::text FROM pg_inherits WHERE inhparent = 'ingest_idempotency'::regclass"
+    )
+    return {r[0] for r in rows}
+
+
+async def add_row(
+    db: asyncpg.Connection,
+    site: uuid.UUID,
+    key: str,
+    *,
+    bucket_at: datetime,
+    created_at: datetime | None = None,
+    expires_at: datetime | None = None,
+) -> None:
+    created = created_at or bucket_at
+    await db.execute(
+        """INSERT INTO ingest_idempotency (site_id, idempotency_key, bucket_at, created_at, expires_at)
+           VALUES ($1, $2, $3, $4, $5)""",
+        site,
+        key,
+        bucket_at,
+        created,
+        expires_at or created + NINETY_DAYS,
+    )
+
+
+async def keys(db: asyncpg.Connection) -> set[str]:
+    return {r[0] for r in await db.fetch("SELECT idempotency_key FROM ingest_idempotency")}
+
+
+@pytest.fixture
+async def site(db: asyncpg.Connection) -> uuid.UUID:
+    value: uuid.UUID = await db.fetchval(
+        "INSERT INTO sites (public_id) VALUES ('retention-site') RETURNING id"
+    )
+    return value
+
+
+@pytest.fixture
+async def aged(db: asyncpg.Connection, site: uuid.UUID) -> None:
+    """Old partitions and rows of every kind retention must tell apart."""
+    for month in (EXPIRED_MONTH, PARTLY_MONTH, LIVE_MONTH, PREVIOUS):
+        await db.execute(
+            "SELECT ingest_idempotency_ensure_partitions($1::date, 1)", month_start(month).date()
+        )
+    soon = NOW + timedelta(days=10)
+    for i in range(3):
+        await add_row(db, site, f"expired-{i}", bucket_at=month_start(EXPIRED_MONTH) + timedelta(days=i))
+    for i in range(5):
+        await add_row(
+            db, site, f"partly-expired-{i}", bucket_at=month_start(PARTLY_MONTH) + timedelta(hours=i)
+        )
+    # Kept longer than 90 days (expires_at may be later, never earlier).
+    await add_row(
+        db, site, "partly-live", bucket_at=month_start(PARTLY_MONTH) + timedelta(days=1), expires_at=soon
+    )
+    await add_row(
+        db, site, "live-month", bucket_at=month_start(LIVE_MONTH) + timedelta(days=1), expires_at=soon
+    )
+    # Rows of the current and previous month whose expires_at has passed (created_at set 100 days back,
+    # which the schema allows): the month guard alone must keep them.
+    old_created = NOW - timedelta(days=100)
+    for month in (CURRENT, PREVIOUS):
+        await add_row(
+            db,
+            site,
+            f"open-{month}",
+            bucket_at=month_start(month) + timedelta(minutes=1),
+            created_at=old_created,
+        )
+    # The DEFAULT partition: an expired row of an old month, and one still alive.
+    await add_row(db, site, "default-expired", bucket_at=month_start(DEFAULT_MONTH) + timedelta(days=2))
+    await add_row(
+        db, site, "default-live", bucket_at=month_start(DEFAULT_MONTH) + timedelta(days=3), expires_at=soon
+    )
+    assert (
+        await db.fetchval(
+            "SELECT count(*) FROM ingest_idempotency_default WHERE idempotency_key LIKE 'default-%'"
+        )
+        == 2
+    )
+
+
+async def as_service(db: asyncpg.Connection) -> asyncpg.Connection:
+    await db.execute(f"SET ROLE {SERVICE_ROLE}")
+    return db
+
+
+async def test_retention_drops_expired_partitions_trims_partly_expired_and_keeps_the_rest(
+    db: asyncpg.Connection, aged: None
+) -> None:
+    live_before = await db.fetchval("SELECT count(*) FROM ingest_idempotency WHERE expires_at >= now()")
+    before_parts = await partitions(db)
+    report = await run_retention(await as_service(db), RetentionSettings(batch_rows=2))
+    await db.execute("RESET ROLE")
+
+    assert report.ran
+    assert report.dropped == [part(EXPIRED_MONTH)]
+    # 5 expired rows of the partly expired month, in batches of 2; the expired DEFAULT row.
+    assert report.trimmed == {part(PARTLY_MONTH): 5, "ingest_idempotency_default": 1}
+    assert report.kept == [part(PARTLY_MONTH), part(LIVE_MONTH)]
+    assert not report.busy and not report.more_pending
+
+    after_parts = await partitions(db)
+    assert after_parts == before_parts - {part(EXPIRED_MONTH)}
+    assert {
+        part(CURRENT),
+        part(PREVIOUS),
+        part(add_months(CURRENT, 1)),
+        part(add_months(CURRENT, 2)),
+    } <= after_parts
+    assert await keys(db) == {
+        "partly-live",
+        "live-month",
+        f"open-{CURRENT}",
+        f"open-{PREVIOUS}",
+        "default-live",
+    }
+    # Nothing unexpired was removed.
+    assert (
+        await db.fetchval("SELECT count(*) FROM ingest_idempotency WHERE expires_at >= now()") == live_before
+    )
+
+    # A second run finds nothing more to do.
+    again = await run_retention(await as_service(db))
+    assert (again.dropped, again.trimmed) == ([], {})
+
+
+async def test_the_database_guards_hold_whatever_the_caller_asks(db: asyncpg.Connection, aged: None) -> None:
+    await as_service(db)
+    for month in (CURRENT, PREVIOUS):
+        assert (
+            await db.fetchval("SELECT ingest_idempotency_drop_expired_partition($1)", part(month))
+            == "protected"
+        )
+        assert await db.fetchval("SELECT ingest_idempotency_trim_expired($1, 100)", part(month)) == 0
+    assert (
+        await db.fetchval("SELECT ingest_idempotency_drop_expired_partition($1)", part(LIVE_MONTH))
+        == "unexpired_rows"
+    )
+    for name in ("sites", "ingest_idempotency", "ingest_idempotency_p1999_01"):
+        with pytest.raises(asyncpg.InvalidParameterValueError):
+            await db.fetchval("SELECT ingest_idempotency_drop_expired_partition($1)", name)
+        with pytest.raises(asyncpg.InvalidParameterValueError):
+            await db.fetchval("SELECT ingest_idempotency_trim_expired($1, 100)", name)
+    # The role itself still has no DDL: only the guarded functions can drop.
+    with pytest.raises(asyncpg.InsufficientPrivilegeError):
+        await db.execute(f"DROP TABLE {part(EXPIRED_MONTH)}")
+    await db.execute("RESET ROLE")
+    assert f"open-{CURRENT}" in await keys(db) and f"open-{PREVIOUS}" in await keys(db)
+
+
+async def test_tenants_cannot_run_retention(db: asyncpg.Connection, aged: None) -> None:
+    await db.execute("SET ROLE revkernel_tenant")
+    for sql in (
+        "SELECT ingest_idempotency_drop_expired_partition('ingest_idempotency_p2000_01')",
+        "SELECT ingest_idempotency_trim_expired('ingest_idempotency_default', 10)",
+    ):
+        with pytest.raises(asyncpg.InsufficientPrivilegeError):
+            await db.fetchval(sql)
+    await db.execute("RESET ROLE")
+
+
+async def test_a_partition_in_use_is_left_for_the_next_run_instead_of_blocking_ingest(
+    db: asyncpg.Connection, database_url: str, aged: None, site: uuid.UUID
+) -> None:
+    """Dropping needs an ACCESS EXCLUSIVE lock on the parent: with a long reader in the way, retention
+    gives up on that partition after its lock_timeout instead of queueing every insert behind it."""
+    reader = await asyncpg.connect(database_url)
+    try:
+        await reader.execute("BEGIN")
+        await reader.fetchval("SELECT count(*) FROM ingest_idempotency")
+        report = await run_retention(await as_service(db))
+        await db.execute("RESET ROLE")
+        assert report.busy == [part(EXPIRED_MONTH)]
+        assert report.dropped == []
+        assert part(EXPIRED_MONTH) in await partitions(db)
+        await reader.execute("ROLLBACK")
+        assert (await run_retention(db)).dropped == [part(EXPIRED_MONTH)]
+    finally:
+        await reader.close()
+
+
+async def test_only_one_retention_runner_at_a_time(
+    db: asyncpg.Connection, database_url: str, aged: None
+) -> None:
+    other = await asyncpg.connect(database_url)
+    try:
+        assert await other.fetchval("SELECT pg_try_advisory_lock(hashtextextended('revkernel:retention', 0))")
+        report = await run_retention(db)
+        assert not report.ran and report.dropped == []
+        assert part(EXPIRED_MONTH) in await partitions(db)
+    finally:
+        await other.close()
+
+
+async def test_recovered_fallback_rows_are_purged_after_30_days(
+    db: asyncpg.Connection, site: uuid.UUID
+) -> None:
+    async def buffer_row(key: str, status: str, age_days: float) -> None:
+        at = NOW - timedelta(days=age_days)
+        await db.execute(
+            """INSERT INTO ingest_fallback_buffer (site_id, idempotency_key, bucket_at, payload, routing_key,
+                                                   error_reason, status, created_at, updated_at)
+               VALUES ($1, $2, $3, '{}'::jsonb, 'event.x', 'broker_publish_failed', $4, $3, $3)""",
+            site,
+            key,
+            at,
+            status,
+        )
+
+    await buffer_row("recovered-31d", "RECOVERED", 31)
+    await buffer_row("recovered-45d", "RECOVERED", 45)
+    await buffer_row("recovered-29d", "RECOVERED", 29)
+    await buffer_row("pending-60d", "PENDING", 60)
+    await buffer_row("failed-60d", "FAILED", 60)
+    report = await run_retention(await as_service(db), RetentionSettings(batch_rows=1))
+    await db.execute("RESET ROLE")
+    assert report.fallback_purged == 2
+    left = {r[0] for r in await db.fetch("SELECT idempotency_key FROM ingest_fallback_buffer")}
+    assert left == {"recovered-29d", "pending-60d", "failed-60d"}
+
+
+async def test_partition_maintenance_recreates_missing_future_partitions(db: asyncpg.Connection) -> None:
+    nxt = part(add_months(CURRENT, 2))
+    await db.execute(f"DROP TABLE {nxt}")
+    report = await run_retention(await as_service(db))
+    await db.execute("RESET ROLE")
+    assert report.partitions_created == 1
+    assert nxt in await partitions(db)
