@@ -18,6 +18,7 @@ T = TypeVar("T")
 COMMAND_MODULES = [
     "services.admin_cli",
     "services.gateway.cli",
+    "services.reconciler.cli",
     "services.fleet",
 ]
 

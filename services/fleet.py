@@ -15,6 +15,7 @@ from shared.settings import Settings
 # One entry per process kind: the `revkernel` sub-command that runs it.
 FLEET = [
     ["gateway"],
+    ["reconciler"],
 ]
 
 
