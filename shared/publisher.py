@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractRobustConnection
 
+from shared import prom
 from shared.amqp import INGEST_EXCHANGE, connect_robust, declare_topology
 from shared.logging import get_logger
 
@@ -71,6 +72,11 @@ class EventPublisher:
                 delay = min(delay * 2, 5.0)
 
     @property
+    def connection(self) -> AbstractRobustConnection | None:
+        """The broker connection once made (metrics open their own channel on it)."""
+        return self._connection
+
+    @property
     def is_ready(self) -> bool:
         channel = self._channel
         return self._exchange is not None and channel is not None and not channel.is_closed
@@ -79,6 +85,7 @@ class EventPublisher:
         """Publish and wait for the broker's confirm, at most `PUBLISH_TIMEOUT_MS`."""
         exchange = self._exchange
         if exchange is None or not self.is_ready:
+            prom.count_publish_failure("broker_unavailable")
             raise PublishFailed("broker_unavailable")
         started = time.perf_counter()
         try:
@@ -97,10 +104,14 @@ class EventPublisher:
                 timeout=self._timeout_s,
             )
         except TimeoutError as exc:
+            prom.count_publish_failure("confirm_timeout")
             raise PublishFailed("confirm_timeout") from exc
         except (aio_pika.exceptions.AMQPError, OSError, RuntimeError) as exc:
+            prom.count_publish_failure(type(exc).__name__)
             raise PublishFailed(type(exc).__name__) from exc
-        self.last_confirm_ms = (time.perf_counter() - started) * 1000
+        elapsed_s = time.perf_counter() - started
+        self.last_confirm_ms = elapsed_s * 1000
+        prom.observe_publish_confirm(elapsed_s)
 
     async def publish_many(self, messages: Sequence[OutgoingMessage]) -> list[PublishFailed | None]:
         """Publish with all confirms in flight at once; one result per message (None = confirmed)."""

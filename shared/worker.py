@@ -28,6 +28,7 @@ import redis.asyncio as aioredis
 from aio_pika.abc import AbstractChannel, AbstractRobustConnection
 from aiohttp import web
 
+from shared import worker_metrics
 from shared.amqp import connect_robust, declare_topology
 from shared.commands import CommandConsumer, CommandHandler
 from shared.db import create_pool
@@ -54,7 +55,7 @@ TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 # Hooks that add routes to every worker's HTTP app (`hook(app, worker)`), e.g. Prometheus `/metrics`.
-HTTP_EXTENSIONS: list[Callable[[web.Application, Worker], None]] = []
+HTTP_EXTENSIONS: list[Callable[[web.Application, Worker], None]] = [worker_metrics.install]
 
 WORKER_KEY = web.AppKey("worker", object)
 

@@ -98,7 +98,9 @@ async def _clients(app: web.Application) -> AsyncIterator[None]:
 
 def build_app(settings: Settings) -> web.Application:
     """The whole gateway for `settings`; clients connect when the app starts."""
-    app = web.Application(client_max_size=256 * 1024, middlewares=[metrics_api.request_latency, request_context])
+    app = web.Application(
+        client_max_size=256 * 1024, middlewares=[metrics_api.request_latency, request_context]
+    )
     app[SETTINGS] = settings
     app.cleanup_ctx.append(_clients)
     for module in ROUTE_MODULES:
