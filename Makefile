@@ -28,6 +28,12 @@ test: install services
 test-unit: install
 	$(VENV)/bin/pytest -m unit
 
+bench: install services
+	bash bench/run.sh
+
+bench-batch: install services
+	bash bench/run.sh --batch 50
+
 lint: install
 	$(VENV)/bin/ruff check shared services tests bench
 	$(VENV)/bin/mypy
