@@ -33,6 +33,9 @@ class MicroBatcher(Generic[T, R]):
         self._name = name
         self._queue: deque[tuple[T, asyncio.Future[R]]] = deque()
         self._running: set[asyncio.Task[None]] = set()
+        # Drains that may still take items. Decremented by the drain itself, in the same step in which
+        # it finds the queue empty, so an item queued after that step always starts a new drain.
+        self._active = 0
         self.batches_run = 0
         self.items_run = 0
 
@@ -40,13 +43,20 @@ class MicroBatcher(Generic[T, R]):
         """Run `item` in the next batch and return its result (or raise its exception)."""
         future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
         self._queue.append((item, future))
-        if len(self._running) < self._max_concurrency:
+        if self._active < self._max_concurrency:
+            self._active += 1
             task = asyncio.create_task(self._drain(), name=self._name)
             self._running.add(task)
             task.add_done_callback(self._running.discard)
         return await future
 
     async def _drain(self) -> None:
+        try:
+            await self._drain_queue()
+        finally:
+            self._active -= 1
+
+    async def _drain_queue(self) -> None:
         while self._queue:
             batch = [self._queue.popleft() for _ in range(min(self._max_items, len(self._queue)))]
             items = [item for item, _ in batch]

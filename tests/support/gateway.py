@@ -80,7 +80,7 @@ class GatewayProcesses:
             [sys.executable, "-m", "services.cli", "gateway", "--workers", str(self.workers)],
             env=self.env,
             stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE if os.environ.get("RK_TEST_QUIET_GATEWAY") else None,
+            stderr=subprocess.DEVNULL if os.environ.get("RK_TEST_QUIET_GATEWAY") else None,
         )
         deadline = time.monotonic() + timeout_s
         async with ClientSession() as session:

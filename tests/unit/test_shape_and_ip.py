@@ -1,0 +1,90 @@
+import ipaddress
+
+import orjson
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from shared.events import MAX_BODY_BYTES, ShapeError, event_problem, parse_sync_body
+from shared.rate_limit import LocalRateLimiter, RateLimitAsk, client_ip, retry_after_seconds
+
+
+def test_single_event_and_batch_parse() -> None:
+    single = parse_sync_body(orjson.dumps({"s": "a", "url": "https://x", "extra": [1]}))
+    assert not single.is_batch and single.site_public_id == "a" and single.events[0].error is None
+    batch = parse_sync_body(orjson.dumps({"events": [{"s": "a", "url": "u"}, {"s": "a"}]}))
+    assert batch.is_batch and [e.error for e in batch.events] == [None, "invalid_payload"]
+
+
+@pytest.mark.parametrize(
+    ("raw", "code"),
+    [
+        (b"", "invalid_json"),
+        (b"null", "invalid_json"),
+        (b'"s"', "invalid_json"),
+        (b'{"s": ""}', "invalid_payload"),
+        (b'{"s": "a", "url": ""}', "invalid_payload"),
+        (b'{"s": "a", "url": "u", "ev": true}', "invalid_payload"),
+        (b'{"s": "a", "url": "u", "ts": "now"}', "invalid_payload"),
+        (b'{"s": "a", "url": "u", "meta": []}', "invalid_payload"),
+        (b'{"s": "a", "url": "u", "meta": {"fp": 1}}', "invalid_payload"),
+        (b'{"events": {}}', "invalid_batch"),
+        (b'{"events": [1]}', "invalid_batch"),
+        (b'{"events": [{"s": 1, "url": "u"}]}', "invalid_batch"),
+    ],
+)
+def test_malformed_bodies(raw: bytes, code: str) -> None:
+    with pytest.raises(ShapeError) as info:
+        parse_sync_body(raw)
+    assert info.value.code == code
+
+
+def test_body_size_limit() -> None:
+    with pytest.raises(ShapeError) as info:
+        parse_sync_body(b" " * (MAX_BODY_BYTES + 1))
+    assert info.value.code == "payload_too_large"
+
+
+@given(
+    st.recursive(
+        st.none() | st.booleans() | st.integers() | st.floats() | st.text(),
+        lambda c: st.lists(c) | st.dictionaries(st.text(), c),
+    )
+)
+def test_any_json_value_is_either_valid_or_a_shape_error(value: object) -> None:
+    try:
+        raw = orjson.dumps(value)
+    except (TypeError, orjson.JSONEncodeError):
+        return
+    try:
+        body = parse_sync_body(raw)
+    except ShapeError as exc:
+        assert exc.code in {"invalid_json", "invalid_payload", "invalid_batch", "payload_too_large"}
+    else:
+        assert body.events and all(e.error is None or event_problem(e.event) for e in body.events)
+
+
+TRUSTED = (ipaddress.ip_network("10.0.0.0/8"), ipaddress.ip_network("127.0.0.1/32"))
+
+
+def test_client_ip() -> None:
+    assert client_ip("198.51.100.1", "203.0.113.9", TRUSTED) == "198.51.100.1"  # peer not trusted
+    assert client_ip("127.0.0.1", "203.0.113.9", TRUSTED) == "203.0.113.9"
+    assert client_ip("127.0.0.1", "203.0.113.9, 10.1.2.3", TRUSTED) == "203.0.113.9"
+    assert client_ip("127.0.0.1", "6.6.6.6, 203.0.113.9", TRUSTED) == "203.0.113.9"  # spoofed left hop
+    assert client_ip("127.0.0.1", "garbage", TRUSTED) == "127.0.0.1"
+    assert client_ip("127.0.0.1", None, TRUSTED) == "127.0.0.1"
+    assert client_ip("127.0.0.1", "203.0.113.9", ()) == "127.0.0.1"
+
+
+def test_local_limiter_windows_and_batches() -> None:
+    import uuid
+
+    limiter = LocalRateLimiter()
+    site = uuid.uuid4()
+    assert limiter.admit(RateLimitAsk(site, "ip", 3, 5, 0))
+    assert not limiter.admit(RateLimitAsk(site, "ip", 3, 5, 1000))  # a refused batch consumes nothing
+    assert limiter.admit(RateLimitAsk(site, "ip", 2, 5, 2000))
+    assert not limiter.admit(RateLimitAsk(site, "ip", 1, 5, 3000))
+    assert limiter.admit(RateLimitAsk(site, "ip", 5, 5, 60_000))  # next window
+    assert retry_after_seconds(59_001) == 1 and retry_after_seconds(0) == 60
