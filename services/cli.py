@@ -19,6 +19,8 @@ COMMAND_MODULES = [
     "services.admin_cli",
     "services.gateway.cli",
     "services.reconciler.cli",
+    "services.freezer.cli",
+    "services.export_cli",
     "services.fleet",
 ]
 

@@ -16,6 +16,7 @@ from shared.settings import Settings
 FLEET = [
     ["gateway"],
     ["reconciler"],
+    ["freezer"],
 ]
 
 

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import datetime, timedelta
+from pathlib import Path
 
 import aiohttp
 import asyncpg
@@ -23,7 +27,7 @@ from shared.dispute_export import CSV_HEADER, write_export
 from shared.months import add_months, current_year_month, month_start
 from shared.settings import Settings
 from shared.sites import add_member, create_site
-from tests.conftest import JWT_SECRET
+from tests.conftest import JWT_SECRET, settings_env
 
 PATH = "/api/billing/dispute-export"
 # Far enough in the past that the test never straddles the month it exports.
@@ -369,3 +373,77 @@ async def test_export_is_one_snapshot_under_concurrent_inserts(
         assert result.export_hash == hashlib.sha256(body).hexdigest()
     finally:
         await writer.close()
+
+
+REVKERNEL = str(Path(sys.executable).parent / "revkernel")
+
+
+def test_revkernel_export_writes_the_same_bytes_and_prints_the_hash(
+    settings: Settings, world: World, tmp_path: Path
+) -> None:
+    env = settings_env(settings)
+    out = tmp_path / "dispute.csv"
+    run = subprocess.run(
+        [REVKERNEL, "export", "--site", "export-site", "--month", MONTH, "-o", str(out)],
+        env=env,
+        capture_output=True,
+        timeout=60,
+    )
+    assert run.returncode == 0, run.stderr
+    assert out.read_bytes() == expected_body()
+    assert run.stdout.decode().strip() == hashlib.sha256(expected_body()).hexdigest()
+    assert b"rows=5" in run.stderr
+    assert [p.name for p in tmp_path.iterdir()] == ["dispute.csv"]  # no temporary file left behind
+
+    # To stdout, by UUID, as a member under RLS: the same bytes.
+    as_owner = subprocess.run(
+        [REVKERNEL, "export", "--site", str(world.site), "--month", MONTH, "--user", "owner-1"],
+        env=env,
+        capture_output=True,
+        timeout=60,
+    )
+    assert as_owner.returncode == 0, as_owner.stderr
+    assert as_owner.stdout == expected_body()
+
+    # A user the endpoint would refuse is refused here too, and nothing is written.
+    refused_out = tmp_path / "refused.csv"
+    for user in ("viewer-1", "other-owner"):
+        refused = subprocess.run(
+            [
+                REVKERNEL,
+                "export",
+                "--site",
+                "export-site",
+                "--month",
+                MONTH,
+                "--user",
+                user,
+                "-o",
+                str(refused_out),
+            ],
+            env=env,
+            capture_output=True,
+            timeout=60,
+        )
+        assert refused.returncode == 2 and b"forbidden" in refused.stderr, user
+        assert not refused_out.exists()
+
+
+async def test_cli_exports_are_audited(settings: Settings, world: World, db: asyncpg.Connection) -> None:
+    proc = await asyncio.create_subprocess_exec(
+        REVKERNEL,
+        "export",
+        "--site",
+        "export-site",
+        "--month",
+        MONTH,
+        env=settings_env(settings),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    stdout, stderr = await proc.communicate()
+    assert proc.returncode == 0, stderr
+    [audit] = await db.fetch("SELECT * FROM billing_audit_log WHERE action = 'dispute_export'")
+    assert audit["actor"].startswith("cli:")
+    assert audit["details"]["export_hash"] == hashlib.sha256(stdout).hexdigest()
+    assert audit["details"]["role"] == "revkernel_service" and audit["details"]["via"] == "cli"

@@ -1,0 +1,127 @@
+"""`revkernel export --site ID --month M [-o FILE] [--user U]`: the dispute export, byte for byte the body
+the HTTP endpoint serves (SPEC §10, §13), for operators.
+
+Identity (docs/freeze-and-export.md): by default the read runs as the fleet's role `revkernel_service`
+(an operator tool, all sites visible, still read-only and one REPEATABLE READ snapshot); with
+`--user U` it runs exactly as the endpoint does for that user: the same access decision, then the
+tenant role with row-level security. Either way the export is appended to the audit log.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import getpass
+import os
+import socket
+import sys
+import tempfile
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import asyncpg
+
+from services.cli import CliError, run_async
+from shared.db import SERVICE_ROLE, connect, tenant_transaction
+from shared.dispute_export import ExportAccess, ExportResult, read_export_access, record_export, write_export
+from shared.months import is_year_month
+from shared.queries import query
+from shared.settings import Settings
+from shared.sites import SiteNotFound, resolve_site
+
+
+def _month(raw: str) -> str:
+    if not is_year_month(raw):
+        raise argparse.ArgumentTypeError(f"not a YYYY-MM month: {raw!r}")
+    return raw
+
+
+@contextlib.asynccontextmanager
+async def service_read_transaction(conn: asyncpg.Connection) -> AsyncIterator[asyncpg.Connection]:
+    """Read-only REPEATABLE READ as the fleet's role (no tenant filter; no superuser rights either)."""
+    async with conn.transaction(isolation="repeatable_read", readonly=True):
+        await conn.execute(query("export_set_service_role"))
+        yield conn
+
+
+async def _export(
+    conn: asyncpg.Connection, settings: Settings, args: argparse.Namespace, out: BinaryIO
+) -> tuple[Any, ExportResult]:
+    try:
+        site = await resolve_site(conn, args.site, settings.default_monthly_limit)
+    except SiteNotFound as exc:
+        raise CliError(str(exc)) from None
+    if args.user:
+        access = await read_export_access(conn, args.user, site.id)
+        if access is not ExportAccess.ALLOWED:
+            raise CliError(f"user {args.user!r} may not export site {site.id} ({access.value})")
+        async with tenant_transaction(conn, args.user):
+            result = await write_export(conn, site.id, args.month, out.write)
+    else:
+        async with service_read_transaction(conn):
+            result = await write_export(conn, site.id, args.month, out.write)
+    return site, result
+
+
+def cmd_export(args: argparse.Namespace, settings: Settings) -> int:
+    operator = f"cli:{getpass.getuser()}@{socket.gethostname()}"
+    actor = f"{operator} as user:{args.user}" if args.user else operator
+
+    async def go() -> ExportResult:
+        try:
+            conn = await connect(settings.database_url)
+        except (OSError, asyncpg.PostgresError) as exc:
+            raise CliError(f"cannot reach Postgres: {exc}") from exc
+        try:
+            if args.output is None:
+                site, result = await _export(conn, settings, args, sys.stdout.buffer)
+                sys.stdout.buffer.flush()
+            else:
+                # Written beside the target and renamed into place: no half-written file under its name.
+                target = Path(args.output)
+                fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
+                try:
+                    with os.fdopen(fd, "wb") as out:
+                        site, result = await _export(conn, settings, args, out)
+                    os.replace(tmp_name, target)
+                except BaseException:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(tmp_name)
+                    raise
+            await record_export(
+                conn,
+                actor=actor,
+                site_id=site.id,
+                year_month=args.month,
+                request_id=None,
+                result=result,
+                details={"via": "cli", "role": "tenant" if args.user else SERVICE_ROLE},
+            )
+            return result
+        finally:
+            await conn.close()
+
+    try:
+        result = run_async(go())
+    except (OSError, asyncpg.PostgresError) as exc:
+        raise CliError(f"export failed: {exc}") from exc
+    summary = f"rows={result.row_count} bytes={result.byte_count} export_hash={result.export_hash}"
+    if result.snapshot_hash is not None:
+        summary += f" snapshot_hash={result.snapshot_hash}"
+    print(summary, file=sys.stderr)
+    if args.output is not None:
+        print(result.export_hash)
+    return 0
+
+
+def register(sub: argparse._SubParsersAction[Any]) -> None:
+    p = sub.add_parser(
+        "export",
+        help="write a site's dispute export CSV for a month (to FILE or stdout) and print its SHA-256",
+    )
+    p.add_argument("--site", required=True, help="site UUID or public id")
+    p.add_argument("--month", type=_month, required=True, help="YYYY-MM")
+    p.add_argument("-o", "--output", help="file to write (default: stdout; the hash then goes to stderr)")
+    p.add_argument("--user", help="export as this user would over HTTP (tenant role, RLS, same access check)")
+    p.set_defaults(handler=cmd_export)

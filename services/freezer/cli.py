@@ -1,0 +1,149 @@
+"""`revkernel freezer`, `revkernel freeze`, `revkernel retention` (SPEC §13)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import sys
+import uuid
+from typing import Any
+
+import asyncpg
+import orjson
+
+from services.cli import CliError, run_async
+from services.freezer.main import Freezer, FreezerConfig
+from shared.buildinfo import resolve_build_info
+from shared.db import create_pool
+from shared.freeze import FreezeRefused, freeze_month
+from shared.months import is_year_month
+from shared.redis_client import create_redis
+from shared.retention import RetentionSettings, run_retention
+from shared.settings import Settings
+from shared.worker import run_worker
+
+
+def _month(raw: str) -> str:
+    if not is_year_month(raw):
+        raise argparse.ArgumentTypeError(f"not a YYYY-MM month: {raw!r}")
+    return raw
+
+
+def _positive_float(raw: str) -> float:
+    try:
+        value = float(raw)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {raw!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError("must be > 0")
+    return value
+
+
+def _positive_int(raw: str) -> int:
+    try:
+        value = int(raw)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {raw!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be >= 1")
+    return value
+
+
+def _print_json(obj: Any) -> None:
+    sys.stdout.write(orjson.dumps(obj, option=orjson.OPT_INDENT_2).decode() + "\n")
+
+
+def cmd_freezer(args: argparse.Namespace, settings: Settings) -> int:
+    config = FreezerConfig(
+        freeze_check_interval_s=args.freeze_check_interval,
+        retention_interval_s=args.retention_interval,
+        freeze_concurrency=args.freeze_concurrency,
+    )
+    freezer = Freezer(settings, config)
+    if args.burst:
+        handled = run_async(freezer.worker.burst())
+        print(f"freezer burst: {handled} command(s) processed", file=sys.stderr)
+        return 0
+    return run_worker(freezer.worker)
+
+
+async def _pool(settings: Settings) -> asyncpg.Pool:
+    try:
+        return await create_pool(settings.database_url, min_size=1, max_size=10)
+    except (OSError, asyncpg.PostgresError) as exc:
+        raise CliError(f"cannot reach Postgres: {exc}") from exc
+
+
+def cmd_freeze(args: argparse.Namespace, settings: Settings) -> int:
+    """Freeze now, in this process (no worker needed); prints the SPEC §9 body."""
+
+    async def go() -> dict[str, Any]:
+        pool = await _pool(settings)
+        redis = create_redis(settings.redis_url, timeout_s=1.0)
+        request_id = uuid.uuid4().hex
+        try:
+            result = await freeze_month(
+                pool,
+                redis,
+                args.month,
+                commit_sha=resolve_build_info(settings).commit_sha,
+                generated_by=f"cli:{socket.gethostname()}:{os.getpid()}",
+                request_id=request_id,
+                trigger="cli",
+            )
+        except FreezeRefused as exc:
+            raise CliError(f"{exc.code}: {exc.reason}") from None
+        finally:
+            await redis.aclose()
+            await pool.close()
+        return {**result.reply(), "request_id": request_id}
+
+    _print_json(run_async(go()))
+    return 0
+
+
+def cmd_retention(args: argparse.Namespace, settings: Settings) -> int:
+    """Partition maintenance and retention once, now; prints what was removed."""
+
+    async def go() -> dict[str, Any]:
+        pool = await _pool(settings)
+        try:
+            async with pool.acquire() as conn:
+                report = await run_retention(conn, RetentionSettings(batch_rows=args.batch_rows))
+        finally:
+            await pool.close()
+        return {"ok": True, **report.as_dict()}
+
+    _print_json(run_async(go()))
+    return 0
+
+
+def register(sub: argparse._SubParsersAction[Any]) -> None:
+    defaults = FreezerConfig()
+    p = sub.add_parser("freezer", help="run the freezer worker (invoice freeze, partitions, retention)")
+    p.add_argument("--burst", action="store_true", help="process queued commands, run schedules once, exit")
+    p.add_argument(
+        "--freeze-check-interval",
+        type=_positive_float,
+        default=defaults.freeze_check_interval_s,
+        help="seconds between checks that the previous month is frozen",
+    )
+    p.add_argument(
+        "--retention-interval",
+        type=_positive_float,
+        default=defaults.retention_interval_s,
+        help="seconds between retention runs",
+    )
+    p.add_argument("--freeze-concurrency", type=_positive_int, default=defaults.freeze_concurrency)
+    p.set_defaults(handler=cmd_freezer)
+
+    p = sub.add_parser("freeze", help="freeze a past month into invoice snapshots now and print JSON")
+    p.add_argument("--month", type=_month, help="YYYY-MM, a past month (default: the previous UTC month)")
+    p.set_defaults(handler=cmd_freeze)
+
+    p = sub.add_parser(
+        "retention", help="partition maintenance and retention once, now; print what was removed"
+    )
+    p.add_argument("--batch-rows", type=_positive_int, default=RetentionSettings().batch_rows)
+    p.set_defaults(handler=cmd_retention)

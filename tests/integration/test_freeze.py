@@ -1,0 +1,328 @@
+"""Invoice freeze (SPEC §9, invariant 8) against real Postgres, Redis and RabbitMQ: the freezer worker
+over AMQP commands, its schedule, `revkernel freeze`, and the snapshot's immutability."""
+
+from __future__ import annotations
+
+import hashlib
+import subprocess
+import sys
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import asyncpg
+import orjson
+import pytest
+import redis.asyncio as aioredis
+from structlog.testing import capture_logs
+
+from services.freezer.main import Freezer, FreezerConfig
+from shared.amqp import FREEZER_QUEUE
+from shared.commands import CommandClient
+from shared.db import SERVICE_ROLE, create_pool
+from shared.freeze import FreezeRefused, freeze_month
+from shared.months import add_months, current_year_month, month_first_day, month_start
+from shared.settings import Settings
+from tests.conftest import settings_env
+from tests.integration.reconciler_support import poll
+
+MONTH = add_months(current_year_month(), -3)
+REVKERNEL = str(Path(sys.executable).parent / "revkernel")
+FAR_FUTURE = datetime.now(UTC) + timedelta(days=3650)  # rows of these tests never expire during them
+
+
+async def add_rows(
+    db: asyncpg.Connection,
+    site_id: uuid.UUID,
+    month: str,
+    count: int,
+    *,
+    state: str = "ACCEPTED",
+    billable: bool = True,
+    day: int = 1,
+) -> None:
+    start = month_start(month) + timedelta(days=day - 1, hours=1)
+    await db.execute(
+        """INSERT INTO ingest_idempotency (site_id, idempotency_key, bucket_at, created_at, expires_at,
+                                           billing_state, billable, billing_reason)
+           SELECT $1, 'k-' || $2 || '-' || g, $3::timestamptz + g * interval '1 ms',
+                  $3::timestamptz + g * interval '1 ms', $4,
+                  $5::billing_state, $6, CASE WHEN $6 THEN NULL ELSE 'rejected_quota' END
+           FROM generate_series(1, $7::int) AS g""",
+        site_id,
+        uuid.uuid4().hex,
+        start,
+        FAR_FUTURE,
+        state,
+        billable,
+        count,
+    )
+
+
+@dataclass
+class Month:
+    sites: dict[str, uuid.UUID]
+
+
+@pytest.fixture
+async def month_rows(db: asyncpg.Connection) -> Month:
+    """Three sites active in MONTH (with stale usage rows), one active only the month after, one idle."""
+    for m in (MONTH, add_months(MONTH, 1)):
+        await db.execute("SELECT ingest_idempotency_ensure_partitions($1::date, 1)", month_first_day(m))
+    sites = {
+        name: await db.fetchval("INSERT INTO sites (public_id) VALUES ($1) RETURNING id", name)
+        for name in ("alpha", "beta", "gamma", "later", "idle")
+    }
+    await add_rows(db, sites["alpha"], MONTH, 7)
+    await add_rows(db, sites["alpha"], MONTH, 3, state="OVERAGE", day=20)
+    await add_rows(db, sites["alpha"], MONTH, 4, billable=False, day=25)  # rejected: not billable
+    await add_rows(db, sites["alpha"], MONTH, 2, state="DEGRADED_CAPTURE", day=28)
+    await add_rows(db, sites["alpha"], MONTH, 1, state="RECOVERED", day=28)
+    await add_rows(db, sites["beta"], MONTH, 1)
+    await add_rows(db, sites["gamma"], MONTH, 2, billable=False)  # rows, none billable: a zero invoice
+    await add_rows(db, sites["later"], add_months(MONTH, 1), 5)
+    # Stale usage (as if the reconciler last ran long ago): the freeze must not trust it.
+    for name, stale in (("alpha", 999), ("beta", 0)):
+        await db.execute(
+            "INSERT INTO site_usage_monthly (site_id, year_month, event_count, overage_count)"
+            " VALUES ($1, $2, $3, 5)",
+            sites[name],
+            MONTH,
+            stale,
+        )
+    return Month(sites)
+
+
+async def truth(db: asyncpg.Connection, site_id: uuid.UUID, month: str) -> tuple[int, int]:
+    row = await db.fetchrow(
+        """SELECT count(*) FILTER (WHERE billable) AS events,
+                  count(*) FILTER (WHERE billable AND billing_state = 'OVERAGE') AS overage
+           FROM ingest_idempotency WHERE site_id = $1 AND year_month = $2""",
+        site_id,
+        month,
+    )
+    assert row is not None
+    return row["events"], row["overage"]
+
+
+def independent_hash(site_id: uuid.UUID, month: str, events: int, overage: int, commit: str) -> str:
+    return hashlib.sha256(f"{site_id}:{month}:{events}:{overage}:{commit}".encode()).hexdigest()
+
+
+@pytest.fixture
+async def freezer(settings: Settings) -> AsyncIterator[Freezer]:
+    """The freezer worker, in this process, consuming freezer.commands of the test's vhost."""
+    worker = Freezer(
+        settings,
+        FreezerConfig(
+            http_port=0, freeze_check_interval_s=3600, retention_interval_s=3600, drain_timeout_s=5
+        ),
+    )
+    await worker.worker.start()
+    await worker.worker.wait_amqp()
+    await poll(lambda: _true(worker.worker.consumer.consuming))
+    yield worker
+    await worker.worker.stop()
+
+
+async def _true(value: bool) -> bool:
+    return value
+
+
+@pytest.fixture
+async def commands(settings: Settings) -> AsyncIterator[CommandClient]:
+    client = CommandClient(settings.amqp_url, timeout_s=settings.command_timeout_s)
+    await client.start()
+    yield client
+    await client.close()
+
+
+async def test_freeze_counts_from_the_source_of_truth_and_hashes_with_the_commit(
+    db: asyncpg.Connection, month_rows: Month, freezer: Freezer, commands: CommandClient
+) -> None:
+    with capture_logs() as logs:
+        reply = await commands.call(FREEZER_QUEUE, "freeze", {"year_month": MONTH}, request_id="req-freeze-1")
+    assert reply == {"ok": True, "year_month": MONTH, "inserted": 3, "skipped": 0, "total_sites": 3}
+
+    snapshots = {
+        r["site_id"]: r for r in await db.fetch("SELECT * FROM invoice_snapshot WHERE year_month = $1", MONTH)
+    }
+    sites = month_rows.sites
+    assert set(snapshots) == {sites["alpha"], sites["beta"], sites["gamma"]}
+    expected = {"alpha": (13, 3), "beta": (1, 0), "gamma": (0, 0)}
+    for name, counts in expected.items():
+        site_id = sites[name]
+        assert await truth(db, site_id, MONTH) == counts  # the fixture is what we think it is
+        snap = snapshots[site_id]
+        assert (snap["event_count"], snap["overage_count"]) == counts, name
+        assert snap["commit_sha"] == "testsha"
+        assert snap["snapshot_hash"] == independent_hash(site_id, MONTH, *counts, "testsha")
+        assert snap["generated_by"] == freezer.config.worker_id
+        # Usage was reconciled first, stale values replaced.
+        usage = await db.fetchrow(
+            "SELECT event_count, overage_count FROM site_usage_monthly"
+            " WHERE site_id = $1 AND year_month = $2",
+            site_id,
+            MONTH,
+        )
+        assert usage is not None and (usage["event_count"], usage["overage_count"]) == counts, name
+
+    audit = await db.fetch("SELECT * FROM billing_audit_log WHERE action = 'invoice_freeze'")
+    assert len(audit) == 1
+    assert audit[0]["year_month"] == MONTH and audit[0]["request_id"] == "req-freeze-1"
+    assert audit[0]["details"]["inserted"] == 3 and audit[0]["details"]["commit_sha"] == "testsha"
+    [line] = [e for e in logs if e["event"] == "INVOICE_FREEZE_COMPLETE"]
+    assert (line["year_month"], line["inserted"], line["skipped"], line["total_sites"]) == (MONTH, 3, 0, 3)
+
+
+async def test_second_freeze_inserts_nothing_and_keeps_the_first_snapshot(
+    db: asyncpg.Connection, month_rows: Month, freezer: Freezer, commands: CommandClient
+) -> None:
+    first = await commands.call(FREEZER_QUEUE, "freeze", {"year_month": MONTH}, request_id="r1")
+    before = await db.fetch("SELECT * FROM invoice_snapshot ORDER BY site_id")
+    # A late row arrives for a frozen site: the snapshot stays what was frozen.
+    await add_rows(db, month_rows.sites["beta"], MONTH, 4, day=3)
+    second = await commands.call(FREEZER_QUEUE, "freeze", {"year_month": MONTH}, request_id="r2")
+    assert first["inserted"] == 3
+    assert second == {"ok": True, "year_month": MONTH, "inserted": 0, "skipped": 3, "total_sites": 3}
+    assert await db.fetch("SELECT * FROM invoice_snapshot ORDER BY site_id") == before
+    assert await db.fetchval("SELECT count(*) FROM billing_audit_log WHERE action = 'invoice_freeze'") == 2
+
+
+@pytest.mark.parametrize(
+    ("month", "code"),
+    [
+        (current_year_month(), "month_not_closed"),
+        (add_months(current_year_month(), 1), "month_not_closed"),
+        ("2026-13", "invalid_year_month"),
+        (202601, "invalid_year_month"),
+    ],
+)
+async def test_worker_rejects_the_current_future_or_malformed_month(
+    db: asyncpg.Connection,
+    month_rows: Month,
+    freezer: Freezer,
+    commands: CommandClient,
+    month: object,
+    code: str,
+) -> None:
+    reply = await commands.call(FREEZER_QUEUE, "freeze", {"year_month": month}, request_id="bad")
+    assert reply["ok"] is False and reply["error"] == code and reply["status"] == 400
+    assert await db.fetchval("SELECT count(*) FROM invoice_snapshot") == 0
+
+
+async def test_freeze_month_refuses_the_current_month_directly(
+    database_url: str, redis_client: aioredis.Redis, month_rows: Month
+) -> None:
+    pool = await create_pool(database_url, min_size=1, max_size=2)
+    try:
+        with pytest.raises(FreezeRefused):
+            await freeze_month(pool, redis_client, current_year_month(), commit_sha="x", generated_by="t")
+    finally:
+        await pool.close()
+
+
+async def test_snapshot_written_by_the_freeze_is_immutable(
+    db: asyncpg.Connection, database_url: str, redis_client: aioredis.Redis, month_rows: Month
+) -> None:
+    pool = await create_pool(database_url, min_size=1, max_size=4)
+    try:
+        result = await freeze_month(pool, redis_client, MONTH, commit_sha="abc", generated_by="test")
+    finally:
+        await pool.close()
+    assert result.inserted == 3
+    alpha = month_rows.sites["alpha"]
+    for role in (None, SERVICE_ROLE):
+        if role:
+            await db.execute(f"SET ROLE {role}")
+        for sql in (
+            "UPDATE invoice_snapshot SET event_count = 0 WHERE site_id = $1",
+            "DELETE FROM invoice_snapshot WHERE site_id = $1",
+        ):
+            with pytest.raises(asyncpg.InsufficientPrivilegeError):
+                await db.execute(sql, alpha)
+        with pytest.raises(asyncpg.InsufficientPrivilegeError):
+            await db.execute("TRUNCATE invoice_snapshot")
+        await db.execute("RESET ROLE")
+    snap = await db.fetchrow(
+        "SELECT event_count, snapshot_hash FROM invoice_snapshot WHERE site_id = $1", alpha
+    )
+    assert snap is not None
+    assert (snap["event_count"], snap["snapshot_hash"]) == (13, independent_hash(alpha, MONTH, 13, 3, "abc"))
+
+
+async def test_schedule_freezes_the_closed_month_once_its_grace_has_passed(
+    db: asyncpg.Connection, month_rows: Month, freezer: Freezer
+) -> None:
+    next_month = month_start(add_months(MONTH, 1))
+    # 00:05 on the 1st: the month that just ended is not due yet (events may still be committing).
+    await freezer.freeze_schedule(now=next_month + timedelta(minutes=5))
+    assert await db.fetchval("SELECT count(*) FROM invoice_snapshot WHERE year_month = $1", MONTH) == 0
+    # 00:11: due, and frozen.
+    await freezer.freeze_schedule(now=next_month + timedelta(minutes=11))
+    assert await db.fetchval("SELECT count(*) FROM invoice_snapshot WHERE year_month = $1", MONTH) == 3
+    audit = await db.fetchrow("SELECT * FROM billing_audit_log WHERE action = 'invoice_freeze'")
+    assert audit is not None and audit["details"]["trigger"] == "schedule"
+    # Checked again at the next tick: already frozen, nothing more is written.
+    await freezer.freeze_schedule(now=next_month + timedelta(minutes=12))
+    assert await db.fetchval("SELECT count(*) FROM billing_audit_log WHERE action = 'invoice_freeze'") == 1
+
+
+async def test_freezer_freezes_an_unfrozen_month_at_start_up(
+    db: asyncpg.Connection, settings: Settings
+) -> None:
+    from shared.freeze import scheduled_freeze_month
+
+    due = scheduled_freeze_month(datetime.now(UTC))
+    await db.execute("SELECT ingest_idempotency_ensure_partitions($1::date, 1)", month_first_day(due))
+    site = await db.fetchval("INSERT INTO sites (public_id) VALUES ('startup') RETURNING id")
+    await add_rows(db, site, due, 6, day=2)
+    worker = Freezer(
+        settings, FreezerConfig(http_port=0, freeze_check_interval_s=3600, retention_interval_s=3600)
+    )
+    await worker.worker.start()
+    try:
+        snap = await poll(
+            lambda: db.fetchrow(
+                "SELECT * FROM invoice_snapshot WHERE site_id = $1 AND year_month = $2", site, due
+            )
+        )
+    finally:
+        await worker.worker.stop()
+    assert (snap["event_count"], snap["overage_count"]) == (6, 0)
+    assert snap["snapshot_hash"] == independent_hash(site, due, 6, 0, "testsha")
+
+
+def test_revkernel_freeze_cli_runs_directly(settings: Settings, month_rows: Month) -> None:
+    env = settings_env(settings)
+    run = subprocess.run(
+        [REVKERNEL, "freeze", "--month", MONTH],
+        env=env,
+        capture_output=True,
+        timeout=60,
+    )
+    assert run.returncode == 0, run.stderr
+    body = orjson.loads(run.stdout)
+    assert {k: body[k] for k in ("ok", "year_month", "inserted", "skipped", "total_sites")} == {
+        "ok": True,
+        "year_month": MONTH,
+        "inserted": 3,
+        "skipped": 0,
+        "total_sites": 3,
+    }
+    again = subprocess.run(
+        [REVKERNEL, "freeze", "--month", MONTH],
+        env=env,
+        capture_output=True,
+        timeout=60,
+    )
+    assert orjson.loads(again.stdout)["skipped"] == 3
+    refused = subprocess.run(
+        [REVKERNEL, "freeze", "--month", current_year_month()],
+        env=env,
+        capture_output=True,
+        timeout=60,
+    )
+    assert refused.returncode == 2 and b"month_not_closed" in refused.stderr
