@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import asyncpg
 from aiohttp import web
 
-from services.gateway import export, health, metrics_api, sync
+from services.gateway import cron_freeze, cron_reconcile, export, health, metrics_api, sync, watchtower
 from services.gateway.context import CONTEXT, REQUEST_ID, REQUEST_SITE, SETTINGS, GatewayContext
 from services.gateway.responses import error_response
 from shared.billing_counters import BillingCounters
@@ -26,7 +26,7 @@ log = get_logger("gateway")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 # Each module contributes its routes (and its own resources) through `setup(app)`.
-ROUTE_MODULES = [health, sync, export, metrics_api]
+ROUTE_MODULES = [health, sync, export, metrics_api, cron_reconcile, cron_freeze, watchtower]
 
 _HTTP_ERROR_CODES = {
     404: "not_found",

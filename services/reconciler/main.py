@@ -43,6 +43,7 @@ class ReconcilerConfig:
 
     jobs: JobSettings = field(default_factory=JobSettings)
     recovery: RecoverySettings = field(default_factory=RecoverySettings)
+    schedules: bool = True  # False: commands only (tests that count what one command did)
     reconcile_interval_s: float = 300.0
     recovery_interval_s: float = 2.0
     drain_timeout_s: float = 20.0
@@ -76,12 +77,13 @@ class Reconciler:
         w.command("backfill", self._cmd_backfill)
         w.command("reconcile", self._cmd_reconcile)
         w.command("recover", self._cmd_recover)
-        w.schedule(Schedule("reconcile", self.reconcile_schedule, interval_s=config.reconcile_interval_s))
-        w.schedule(
-            Schedule(
-                "fallback-recovery", self.recovery_schedule, config.recovery_interval_s, busy_interval_s=0
+        if config.schedules:
+            w.schedule(Schedule("reconcile", self.reconcile_schedule, interval_s=config.reconcile_interval_s))
+            w.schedule(
+                Schedule(
+                    "fallback-recovery", self.recovery_schedule, config.recovery_interval_s, busy_interval_s=0
+                )
             )
-        )
         w.side_task("billing-counters", self._flush_counters)
 
     async def _open(self, worker: Worker) -> None:
