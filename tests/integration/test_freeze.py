@@ -25,8 +25,9 @@ from shared.db import SERVICE_ROLE, create_pool
 from shared.freeze import FreezeRefused, freeze_month
 from shared.months import add_months, current_year_month, month_first_day, month_start
 from shared.settings import Settings
-from tests.conftest import settings_env
+from tests.conftest import CRON_SECRET, settings_env
 from tests.integration.reconciler_support import poll
+from tests.support.gateway import gateway_client
 
 MONTH = add_months(current_year_month(), -3)
 REVKERNEL = str(Path(sys.executable).parent / "revkernel")
@@ -326,3 +327,97 @@ def test_revkernel_freeze_cli_runs_directly(settings: Settings, month_rows: Mont
         timeout=60,
     )
     assert refused.returncode == 2 and b"month_not_closed" in refused.stderr
+
+
+# ------------------------------------------------------------------------------------ HTTP endpoint
+
+FREEZE_PATH = "/api/cron/invoice-freeze"
+CRON = {"Authorization": f"Bearer {CRON_SECRET}"}
+
+
+async def test_http_freeze_dispatches_to_the_freezer_and_answers_its_counts(
+    settings: Settings, db: asyncpg.Connection, month_rows: Month, freezer: Freezer
+) -> None:
+    async with gateway_client(settings) as client:
+        response = await client.post(FREEZE_PATH, json={"year_month": MONTH}, headers=CRON)
+        body = await response.json()
+        assert response.status == 200, body
+        assert body == {
+            "ok": True,
+            "year_month": MONTH,
+            "inserted": 3,
+            "skipped": 0,
+            "total_sites": 3,
+            "request_id": response.headers["x-request-id"],
+        }
+        again = await (await client.post(FREEZE_PATH, json={"year_month": MONTH}, headers=CRON)).json()
+        assert (again["inserted"], again["skipped"], again["total_sites"]) == (0, 3, 3)
+        # No body: the previous UTC month (nothing active there in this test).
+        default = await client.post(FREEZE_PATH, headers=CRON)
+        assert default.status == 200
+        assert (await default.json())["year_month"] == add_months(current_year_month(), -1)
+    audit = await db.fetchval(
+        "SELECT request_id FROM billing_audit_log"
+        " WHERE action = 'invoice_freeze' AND year_month = $1 ORDER BY id",
+        MONTH,
+    )
+    assert audit == body["request_id"]
+
+
+async def test_http_freeze_refuses_bad_current_and_future_months_and_bad_credentials(
+    settings: Settings, db: asyncpg.Connection, month_rows: Month
+) -> None:
+    """Validated in the gateway: no freezer runs here, so any dispatch would be a 504, not these."""
+    cases: list[tuple[object, dict[str, str], int, str]] = [
+        ({"year_month": current_year_month()}, CRON, 400, "month_not_closed"),
+        ({"year_month": add_months(current_year_month(), 1)}, CRON, 400, "month_not_closed"),
+        ({"year_month": add_months(current_year_month(), 25)}, CRON, 400, "month_not_closed"),
+        ({"year_month": "2026-1"}, CRON, 400, "invalid_year_month"),
+        ({"year_month": 202601}, CRON, 400, "invalid_year_month"),
+        ([MONTH], CRON, 400, "invalid_json"),
+        (b"{not json", CRON, 400, "invalid_json"),
+        ({"year_month": MONTH}, {}, 401, "unauthorized"),
+        ({"year_month": MONTH}, {"Authorization": "Bearer wrong-secret"}, 401, "unauthorized"),
+        ({"year_month": MONTH}, {"Authorization": CRON_SECRET}, 401, "unauthorized"),
+    ]
+    async with gateway_client(settings) as client:
+        for payload, headers, status, code in cases:
+            if isinstance(payload, bytes):
+                response = await client.post(FREEZE_PATH, data=payload, headers=headers)
+            else:
+                response = await client.post(FREEZE_PATH, json=payload, headers=headers)
+            body = await response.json()
+            assert (response.status, body["error"]) == (status, code), (payload, headers, body)
+            assert response.headers["x-opsmantik-error-code"] == code
+    async with gateway_client(settings.with_overrides(cron_secret=None)) as client:
+        response = await client.post(FREEZE_PATH, json={"year_month": MONTH}, headers=CRON)
+        assert response.status == 503
+    assert await db.fetchval("SELECT count(*) FROM invoice_snapshot") == 0
+
+
+async def test_http_freeze_without_a_freezer_is_504_and_the_command_still_runs_later(
+    settings: Settings, db: asyncpg.Connection, month_rows: Month
+) -> None:
+    quick = settings.with_overrides(command_timeout_s=1.0)
+    async with gateway_client(quick) as client:
+        response = await client.post(FREEZE_PATH, json={"year_month": MONTH}, headers=CRON)
+        body = await response.json()
+    assert (response.status, body["error"], body["request_id"]) == (
+        504,
+        "worker_timeout",
+        response.headers["x-request-id"],
+    )
+    assert await db.fetchval("SELECT count(*) FROM invoice_snapshot") == 0
+    # A freezer that comes up later finds the command queued and runs it (drain-once mode).
+    freezer = Freezer(settings, FreezerConfig(http_port=0))
+    handled = await freezer.worker.burst()
+    assert handled == 1
+    assert await db.fetchval("SELECT count(*) FROM invoice_snapshot WHERE year_month = $1", MONTH) == 3
+    requests = {
+        r[0]
+        for r in await db.fetch(
+            "SELECT request_id FROM billing_audit_log WHERE action = 'invoice_freeze' AND year_month = $1",
+            MONTH,
+        )
+    }
+    assert body["request_id"] in requests
