@@ -59,6 +59,10 @@ CREATE TRIGGER invoice_snapshot_no_update BEFORE UPDATE OR DELETE ON invoice_sna
     FOR EACH ROW EXECUTE FUNCTION reject_mutation();
 CREATE TRIGGER invoice_snapshot_no_truncate BEFORE TRUNCATE ON invoice_snapshot
     FOR EACH STATEMENT EXECUTE FUNCTION reject_mutation();
+-- ALWAYS: the triggers fire even with session_replication_role = replica, the one setting that would
+-- otherwise let a superuser session write past ordinary triggers.
+ALTER TABLE invoice_snapshot ENABLE ALWAYS TRIGGER invoice_snapshot_no_update;
+ALTER TABLE invoice_snapshot ENABLE ALWAYS TRIGGER invoice_snapshot_no_truncate;
 
 CREATE TABLE billing_reconciliation_jobs (
     id bigserial PRIMARY KEY,
@@ -94,3 +98,7 @@ CREATE TABLE billing_audit_log (
 CREATE INDEX billing_audit_log_site_idx ON billing_audit_log (site_id, occurred_at);
 CREATE TRIGGER billing_audit_log_append_only BEFORE UPDATE OR DELETE ON billing_audit_log
     FOR EACH ROW EXECUTE FUNCTION reject_mutation();
+CREATE TRIGGER billing_audit_log_no_truncate BEFORE TRUNCATE ON billing_audit_log
+    FOR EACH STATEMENT EXECUTE FUNCTION reject_mutation();
+ALTER TABLE billing_audit_log ENABLE ALWAYS TRIGGER billing_audit_log_append_only;
+ALTER TABLE billing_audit_log ENABLE ALWAYS TRIGGER billing_audit_log_no_truncate;

@@ -15,7 +15,7 @@ CREATE TABLE ingest_idempotency (
     idempotency_version smallint NOT NULL DEFAULT 1 CHECK (idempotency_version IN (1, 2)),
     bucket_at timestamptz NOT NULL,
     created_at timestamptz NOT NULL DEFAULT now(),
-    expires_at timestamptz NOT NULL DEFAULT (now() + interval '2160 hours'),
+    expires_at timestamptz NOT NULL,  -- created_at + 90 days unless given (trigger below)
     billing_state billing_state NOT NULL DEFAULT 'ACCEPTED',
     billable boolean NOT NULL DEFAULT true,
     billing_reason text,
@@ -28,6 +28,20 @@ CREATE TABLE ingest_idempotency (
     CHECK (expires_at >= created_at + interval '2160 hours'),
     PRIMARY KEY (site_id, idempotency_key, bucket_at)
 ) PARTITION BY RANGE (bucket_at);
+
+-- expires_at = created_at + 90 days, computed by the server (SPEC §4). A column DEFAULT cannot refer to
+-- created_at, and `now() + 90 days` would reject a row whose created_at is ahead of the database clock.
+CREATE FUNCTION ingest_idempotency_set_expiry() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF NEW.expires_at IS NULL THEN
+        NEW.expires_at := NEW.created_at + interval '2160 hours';
+    END IF;
+    RETURN NEW;
+END
+$$;
+CREATE TRIGGER ingest_idempotency_expiry BEFORE INSERT ON ingest_idempotency
+    FOR EACH ROW EXECUTE FUNCTION ingest_idempotency_set_expiry();
 
 COMMENT ON COLUMN ingest_idempotency.bucket_at IS
     'Time component t of the idempotency key material (SPEC §4); the partition key, so one key always lands in one partition.';

@@ -1,6 +1,8 @@
 -- Tenant security (SPEC §1.9, §7): enforced by Postgres, not only by application code.
 
 REVOKE ALL ON ALL TABLES IN SCHEMA public FROM PUBLIC;
+-- No DDL for anyone but the owner (PostgreSQL 15 already defaults to this; an upgraded cluster may not).
+REVOKE CREATE ON SCHEMA public FROM PUBLIC;
 GRANT USAGE ON SCHEMA public TO revkernel_service, revkernel_tenant;
 
 -- The fleet: DML on operational tables, only SELECT/INSERT on the append-only ones, no DDL.
@@ -10,7 +12,12 @@ GRANT SELECT, INSERT, UPDATE, DELETE ON
     TO revkernel_service;
 GRANT SELECT, INSERT ON invoice_snapshot, billing_audit_log TO revkernel_service;
 GRANT USAGE, SELECT ON ALL SEQUENCES IN SCHEMA public TO revkernel_service;
+-- Partition maintenance runs with the owner's rights (it creates tables): the fleet only, never tenants.
+REVOKE ALL ON FUNCTION ingest_idempotency_ensure_partitions(date, integer) FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION ingest_idempotency_ensure_partitions(date, integer) TO revkernel_service;
+-- Watchtower counts rows left in the safety-net partition. Month partitions get no grants: every read
+-- goes through the parent table, where the grants and RLS policies are.
+GRANT SELECT ON ingest_idempotency_default TO revkernel_service;
 
 -- Tenants: SELECT only, row-filtered below. No INSERT/UPDATE/DELETE grant exists, so no billing
 -- column can be written whatever the policies say.

@@ -4,18 +4,21 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Awaitable, Callable
 from decimal import Decimal, InvalidOperation
-from typing import Any
+from typing import Any, TypeVar
 
 import asyncpg
 import orjson
 
 from services.cli import CliError, run_async
 from shared.auth import AuthMisconfigured, issue_token
-from shared.db import connect
+from shared.db import connect, redact_dsn
 from shared.migrate import MigrationError, migrate
 from shared.settings import Settings
-from shared.sites import ROLES, SiteNotFound, add_member, create_site, resolve_site, set_plan
+from shared.sites import ROLES, Site, SiteNotFound, add_member, create_site, resolve_site, set_plan
+
+T = TypeVar("T")
 
 
 def _multiplier(raw: str) -> Decimal:
@@ -45,31 +48,59 @@ def _positive(raw: str) -> int:
     return value
 
 
+def _non_empty(raw: str) -> str:
+    value = raw.strip()
+    if not value:
+        raise argparse.ArgumentTypeError("must not be empty")
+    return value
+
+
 def _print_json(obj: Any) -> None:
     sys.stdout.write(orjson.dumps(obj, option=orjson.OPT_INDENT_2).decode() + "\n")
 
 
-async def _db(settings: Settings) -> asyncpg.Connection:
-    try:
-        return await connect(settings.database_url)
-    except (OSError, asyncpg.PostgresError) as exc:
-        raise CliError(f"cannot reach Postgres at {settings.database_url}: {exc}") from exc
+def _one_line(exc: BaseException) -> str:
+    """An exception's message on one line (Postgres messages may carry a DETAIL line)."""
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def _with_db(settings: Settings, work: Callable[[asyncpg.Connection], Awaitable[T]]) -> T:
+    """Run `work` on one connection; Postgres failures become one-line CLI errors."""
+
+    async def go() -> T:
+        try:
+            conn = await connect(settings.database_url)
+        except (OSError, asyncpg.PostgresError) as exc:
+            raise CliError(
+                f"cannot reach Postgres at {redact_dsn(settings.database_url)}: {_one_line(exc)}"
+            ) from exc
+        try:
+            return await work(conn)
+        except SiteNotFound as exc:
+            raise CliError(str(exc)) from None
+        except asyncpg.UndefinedTableError as exc:
+            raise CliError(f"database not migrated (run `revkernel migrate`): {_one_line(exc)}") from None
+        except asyncpg.PostgresError as exc:
+            raise CliError(_one_line(exc)) from None
+        finally:
+            await conn.close()
+
+    return run_async(go())
 
 
 def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
     try:
         applied = run_async(migrate(settings.database_url))
     except (MigrationError, OSError, asyncpg.PostgresError) as exc:
-        raise CliError(str(exc)) from exc
+        raise CliError(f"migrate failed ({redact_dsn(settings.database_url)}): {_one_line(exc)}") from exc
     print(f"applied {len(applied)} migration(s)" + (": " + ", ".join(applied) if applied else ""))
     return 0
 
 
 def cmd_site_create(args: argparse.Namespace, settings: Settings) -> int:
-    async def go() -> int:
-        conn = await _db(settings)
+    async def work(conn: asyncpg.Connection) -> Site:
         try:
-            site = await create_site(
+            return await create_site(
                 conn,
                 public_id=args.public_id,
                 name=args.name or args.public_id,
@@ -78,58 +109,46 @@ def cmd_site_create(args: argparse.Namespace, settings: Settings) -> int:
                 monthly_limit=args.monthly_limit,
                 soft_limit_enabled=args.soft_limit,
                 hard_cap_multiplier=args.hard_cap_multiplier,
+                plan_tier=args.tier,
                 default_monthly_limit=settings.default_monthly_limit,
             )
         except asyncpg.UniqueViolationError:
             raise CliError(f"a site with public id {args.public_id!r} already exists") from None
         except asyncpg.CheckViolationError as exc:
-            raise CliError(f"invalid site: {exc}") from None
-        finally:
-            await conn.close()
-        _print_json(site.as_dict())
-        return 0
+            raise CliError(f"invalid site: {_one_line(exc)}") from None
 
-    return run_async(go())
+    _print_json(_with_db(settings, work).as_dict())
+    return 0
 
 
 def cmd_plan_set(args: argparse.Namespace, settings: Settings) -> int:
-    async def go() -> int:
-        conn = await _db(settings)
-        try:
-            site = await resolve_site(conn, args.site, settings.default_monthly_limit)
-            await set_plan(
-                conn,
-                site.id,
-                monthly_limit=args.monthly_limit,
-                soft_limit_enabled=args.soft_limit,
-                hard_cap_multiplier=args.hard_cap_multiplier,
-                plan_tier=args.tier,
-            )
-            site = await resolve_site(conn, str(site.id), settings.default_monthly_limit)
-        except SiteNotFound as exc:
-            raise CliError(str(exc)) from None
-        finally:
-            await conn.close()
-        _print_json(site.as_dict())
-        return 0
+    async def work(conn: asyncpg.Connection) -> Site:
+        site = await resolve_site(conn, args.site, settings.default_monthly_limit)
+        await set_plan(
+            conn,
+            site.id,
+            monthly_limit=args.monthly_limit,
+            soft_limit_enabled=args.soft_limit,
+            hard_cap_multiplier=args.hard_cap_multiplier,
+            plan_tier=args.tier,
+        )
+        return await resolve_site(conn, str(site.id), settings.default_monthly_limit)
 
-    return run_async(go())
+    _print_json(_with_db(settings, work).as_dict())
+    return 0
 
 
 def cmd_member_add(args: argparse.Namespace, settings: Settings) -> int:
-    async def go() -> int:
-        conn = await _db(settings)
-        try:
-            site = await resolve_site(conn, args.site, settings.default_monthly_limit)
-            await add_member(conn, site.id, args.user, args.role)
-        except SiteNotFound as exc:
-            raise CliError(str(exc)) from None
-        finally:
-            await conn.close()
-        _print_json({"site_id": str(site.id), "user_id": args.user, "role": args.role})
-        return 0
+    async def work(conn: asyncpg.Connection) -> Site:
+        site = await resolve_site(conn, args.site, settings.default_monthly_limit)
+        await add_member(conn, site.id, args.user, args.role)
+        return site
 
-    return run_async(go())
+    site = _with_db(settings, work)
+    _print_json(
+        {"site_id": str(site.id), "public_id": site.public_id, "user_id": args.user, "role": args.role}
+    )
+    return 0
 
 
 def cmd_token(args: argparse.Namespace, settings: Settings) -> int:
@@ -147,25 +166,26 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
     site = sub.add_parser("site", help="manage sites").add_subparsers(dest="site_command", metavar="ACTION")
     site.required = True
     p = site.add_parser("create", help="create a site and print it as JSON")
-    p.add_argument("--public-id", required=True)
+    p.add_argument("--public-id", required=True, type=_non_empty)
     p.add_argument("--name")
     p.add_argument("--origin", action="append", help="allowed Origin (repeatable; '*' allows any)")
     p.add_argument("--rate-limit-per-minute", type=_positive)
     p.add_argument("--monthly-limit", type=_non_negative)
     p.add_argument("--soft-limit", action="store_true", default=None)
     p.add_argument("--hard-cap-multiplier", type=_multiplier)
+    p.add_argument("--tier", help="plan tier name")
     p.set_defaults(handler=cmd_site_create)
 
     plan = sub.add_parser("plan", help="manage plans").add_subparsers(dest="plan_command", metavar="ACTION")
     plan.required = True
     p = plan.add_parser("set", help="create or change a site's plan")
-    p.add_argument("--site", required=True, help="site UUID or public id")
+    p.add_argument("--site", required=True, type=_non_empty, help="site UUID or public id")
     p.add_argument("--monthly-limit", type=_non_negative, required=True)
     soft = p.add_mutually_exclusive_group()
     soft.add_argument("--soft-limit", dest="soft_limit", action="store_true", default=None)
     soft.add_argument("--no-soft-limit", dest="soft_limit", action="store_false")
     p.add_argument("--hard-cap-multiplier", type=_multiplier)
-    p.add_argument("--tier")
+    p.add_argument("--tier", type=_non_empty)
     p.set_defaults(handler=cmd_plan_set)
 
     member = sub.add_parser("member", help="manage site members").add_subparsers(
@@ -173,12 +193,12 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
     )
     member.required = True
     p = member.add_parser("add", help="add (or change) a member of a site")
-    p.add_argument("--site", required=True, help="site UUID or public id")
-    p.add_argument("--user", required=True)
+    p.add_argument("--site", required=True, type=_non_empty, help="site UUID or public id")
+    p.add_argument("--user", required=True, type=_non_empty)
     p.add_argument("--role", required=True, choices=ROLES)
     p.set_defaults(handler=cmd_member_add)
 
     p = sub.add_parser("token", help="print a signed JWT for a user (needs AUTH_JWT_SECRET)")
-    p.add_argument("--user", required=True)
+    p.add_argument("--user", required=True, type=_non_empty)
     p.add_argument("--ttl", type=_positive, default=3600, help="lifetime in seconds")
     p.set_defaults(handler=cmd_token)

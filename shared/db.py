@@ -5,12 +5,26 @@ from __future__ import annotations
 import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import orjson
 
 SERVICE_ROLE = "revkernel_service"
 TENANT_ROLE = "revkernel_tenant"
+
+
+def redact_dsn(dsn: str) -> str:
+    """The DSN without its password (in the user part or a `password=` parameter), for messages and logs."""
+    parts = urlsplit(dsn)
+    netloc = parts.netloc
+    if parts.password is not None:
+        netloc = f"{parts.username or ''}:***@{netloc.rpartition('@')[2]}"
+    query = "&".join(
+        "password=***" if item.split("=", 1)[0] == "password" else item
+        for item in parts.query.split("&")
+    ) if parts.query else parts.query
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 
 
 async def _init_connection(conn: asyncpg.Connection) -> None:

@@ -6,10 +6,11 @@ import hashlib
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 import asyncpg
 
+from shared.db import redact_dsn
 from shared.logging import get_logger
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
@@ -32,7 +33,8 @@ class Migration:
 
     @property
     def checksum(self) -> str:
-        return hashlib.sha256(self.sql.encode()).hexdigest()
+        """SHA-256 of the file's UTF-8 text: the same on every machine, whatever its locale."""
+        return hashlib.sha256(self.sql.encode("utf-8")).hexdigest()
 
 
 def load_migrations(directory: Path = MIGRATIONS_DIR) -> list[Migration]:
@@ -44,38 +46,69 @@ def load_migrations(directory: Path = MIGRATIONS_DIR) -> list[Migration]:
             raise MigrationError(f"migration file name must look like 0001_name.sql: {path.name}")
         version = match.group(1)
         if version in found:
-            raise MigrationError(f"two migrations share version {version}: {found[version].name}, {path.name}")
-        found[version] = Migration(version, path.name, path.read_text())
+            raise MigrationError(
+                f"two migrations share version {version}: {found[version].name}, {path.name}"
+            )
+        found[version] = Migration(version, path.name, path.read_text(encoding="utf-8"))
     return [found[v] for v in sorted(found)]
 
 
 def _database_name(dsn: str) -> str:
-    name = urlsplit(dsn).path.lstrip("/")
+    name = unquote(urlsplit(dsn).path.lstrip("/"))
     if not name:
-        raise MigrationError(f"DATABASE_URL names no database: {dsn}")
+        raise MigrationError(f"DATABASE_URL names no database: {redact_dsn(dsn)}")
     return name
 
 
-def _maintenance_dsn(dsn: str) -> str:
+def _maintenance_dsn(dsn: str, database: str) -> str:
     parts = urlsplit(dsn)
-    return urlunsplit((parts.scheme, parts.netloc, "/postgres", parts.query, parts.fragment))
+    return urlunsplit((parts.scheme, parts.netloc, "/" + database, parts.query, parts.fragment))
+
+
+async def _database_exists(dsn: str) -> bool:
+    """Whether the database of `dsn` accepts a connection (needs no access to any other database)."""
+    try:
+        conn = await asyncpg.connect(dsn, timeout=10)
+    except asyncpg.InvalidCatalogNameError:
+        return False
+    await conn.close()
+    return True
+
+
+async def _connect_maintenance(dsn: str) -> asyncpg.Connection:
+    """A connection to the cluster's `postgres` database, else `template1` (the same server and user)."""
+    try:
+        return await asyncpg.connect(_maintenance_dsn(dsn, "postgres"), timeout=10)
+    except asyncpg.InvalidCatalogNameError:
+        return await asyncpg.connect(_maintenance_dsn(dsn, "template1"), timeout=10)
 
 
 async def create_database_if_missing(dsn: str) -> bool:
-    """Create the database named by `dsn` when it does not exist; True when it was created."""
+    """Create the database named by `dsn` when it does not exist; True when this call created it.
+
+    Concurrent callers are serialised by an advisory lock in the maintenance database, so exactly one
+    creates it and the others find it.
+    """
     name = _database_name(dsn)
-    conn = await asyncpg.connect(_maintenance_dsn(dsn), timeout=10)
+    if await _database_exists(dsn):
+        return False
+    conn = await _connect_maintenance(dsn)
     try:
-        exists = await conn.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", name)
-        if exists:
+        await conn.execute("SELECT pg_advisory_lock(hashtextextended('revkernel:create_database:' || $1, 0))",
+                           name)
+        if await conn.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", name):
             return False
         quoted = '"' + name.replace('"', '""') + '"'
         try:
             await conn.execute(f"CREATE DATABASE {quoted}")
-        except asyncpg.DuplicateDatabaseError:
-            return False  # another runner created it between our check and our CREATE
+        except (asyncpg.DuplicateDatabaseError, asyncpg.UniqueViolationError):
+            # A runner of older code, which does not take the lock, created it first.
+            log.info("database_created_concurrently", database=name)
+            return False
+        log.info("database_created", database=name)
         return True
     finally:
+        # Closing the session releases its advisory lock.
         await conn.close()
 
 
@@ -88,46 +121,44 @@ async def apply_migrations(dsn: str, directory: Path = MIGRATIONS_DIR) -> list[s
     migrations = load_migrations(directory)
     conn = await asyncpg.connect(dsn, timeout=10)
     try:
+        # Session lock, released when the connection closes (also when this runner dies).
         await conn.execute("SELECT pg_advisory_lock($1)", MIGRATION_LOCK_KEY)
-        try:
-            await conn.execute(
-                """CREATE TABLE IF NOT EXISTS schema_migrations (
-                       version text PRIMARY KEY,
-                       name text NOT NULL,
-                       checksum text NOT NULL,
-                       applied_at timestamptz NOT NULL DEFAULT now())"""
-            )
-            applied = {r["version"]: r for r in await conn.fetch("SELECT * FROM schema_migrations")}
-            for m in migrations:
-                row = applied.get(m.version)
-                if row is not None and row["checksum"] != m.checksum:
-                    raise MigrationError(
-                        f"migration {m.name} was edited after it was applied "
-                        f"(recorded checksum {row['checksum'][:12]}, file {m.checksum[:12]}); "
-                        "add a new migration instead"
-                    )
-            unknown = sorted(set(applied) - {m.version for m in migrations})
-            if unknown:
-                raise MigrationError(f"database has migrations this code does not know: {unknown}")
-            done: list[str] = []
-            for m in migrations:
-                if m.version in applied:
-                    continue
-                async with conn.transaction():
-                    try:
-                        await conn.execute(m.sql)
-                    except asyncpg.PostgresError as exc:
-                        raise MigrationError(f"{m.name} failed: {exc}") from exc
-                    await conn.execute(
-                        "INSERT INTO schema_migrations (version, name, checksum) VALUES ($1, $2, $3)",
-                        m.version, m.name, m.checksum,
-                    )
-                log.info("migration_applied", migration=m.name)
-                done.append(m.name)
-            await conn.execute("SELECT ingest_idempotency_ensure_partitions()")
-            return done
-        finally:
-            await conn.execute("SELECT pg_advisory_unlock($1)", MIGRATION_LOCK_KEY)
+        await conn.execute(
+            """CREATE TABLE IF NOT EXISTS schema_migrations (
+                   version text PRIMARY KEY,
+                   name text NOT NULL,
+                   checksum text NOT NULL,
+                   applied_at timestamptz NOT NULL DEFAULT now())"""
+        )
+        applied = {r["version"]: r for r in await conn.fetch("SELECT * FROM schema_migrations")}
+        for m in migrations:
+            row = applied.get(m.version)
+            if row is not None and row["checksum"] != m.checksum:
+                raise MigrationError(
+                    f"migration {m.name} was edited after it was applied "
+                    f"(recorded checksum {row['checksum'][:12]}, file {m.checksum[:12]}); "
+                    "add a new migration instead"
+                )
+        unknown = sorted(set(applied) - {m.version for m in migrations})
+        if unknown:
+            raise MigrationError(f"database has migrations this code does not know: {unknown}")
+        done: list[str] = []
+        for m in migrations:
+            if m.version in applied:
+                continue
+            async with conn.transaction():
+                try:
+                    await conn.execute(m.sql)
+                except asyncpg.PostgresError as exc:
+                    raise MigrationError(f"{m.name} failed: {exc}") from exc
+                await conn.execute(
+                    "INSERT INTO schema_migrations (version, name, checksum) VALUES ($1, $2, $3)",
+                    m.version, m.name, m.checksum,
+                )
+            log.info("migration_applied", migration=m.name)
+            done.append(m.name)
+        await conn.execute("SELECT ingest_idempotency_ensure_partitions()")
+        return done
     finally:
         await conn.close()
 

@@ -7,17 +7,29 @@ from functools import cache
 from pathlib import Path
 
 SQL_DIR = Path(__file__).resolve().parent / "sql"
-_NAME = re.compile(r"^--\s*name:\s*([a-z_][a-z0-9_]*)\s*$", re.MULTILINE)
+_NAME = re.compile(r"^--\s*name:\s*(\S*)\s*$", re.MULTILINE)
+_VALID_NAME = re.compile(r"^[a-z_][a-z0-9_]*$")
 
 
 def parse_queries(text: str) -> dict[str, str]:
-    """Split a file of `-- name: x` blocks into {name: sql}."""
+    """Split a file of `-- name: x` blocks into {name: sql}.
+
+    Only comments may precede the first block; a bad or repeated name and an empty block are errors,
+    so a typo cannot silently glue two queries together.
+    """
     parts = _NAME.split(text)
+    stray = [line for line in parts[0].splitlines() if line.strip() and not line.lstrip().startswith("--")]
+    if stray:
+        raise ValueError(f"SQL before the first `-- name:` line: {stray[0].strip()!r}")
     queries: dict[str, str] = {}
     for name, body in zip(parts[1::2], parts[2::2], strict=True):
+        if not _VALID_NAME.match(name):
+            raise ValueError(f"bad query name {name!r} (lowercase letters, digits and _)")
         sql = body.strip()
         if name in queries:
             raise ValueError(f"duplicate query name {name!r}")
+        if not sql:
+            raise ValueError(f"query {name!r} is empty")
         queries[name] = sql
     return queries
 
@@ -26,7 +38,7 @@ def parse_queries(text: str) -> dict[str, str]:
 def _all_queries() -> dict[str, str]:
     merged: dict[str, str] = {}
     for path in sorted(SQL_DIR.glob("*.sql")):
-        for name, sql in parse_queries(path.read_text()).items():
+        for name, sql in parse_queries(path.read_text(encoding="utf-8")).items():
             if name in merged:
                 raise ValueError(f"query {name!r} defined twice (in {path.name})")
             merged[name] = sql

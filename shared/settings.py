@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
@@ -50,16 +51,20 @@ class Settings:
             if raw:
                 values[attr] = raw
 
-        def number(name: str, attr: str, kind: type, minimum: float) -> None:
+        def number(name: str, attr: str, kind: type, minimum: float, maximum: float = math.inf) -> None:
             raw = env.get(name, "").strip()
             if not raw:
                 return
+            what = "a whole number" if kind is int else "a number"
             try:
                 parsed = kind(raw)
             except ValueError as exc:
-                raise SettingsError(f"{name} must be a number, got {raw!r}") from exc
-            if parsed < minimum:
-                raise SettingsError(f"{name} must be >= {minimum}, got {raw!r}")
+                raise SettingsError(f"{name} must be {what}, got {raw!r}") from exc
+            if not math.isfinite(parsed):
+                raise SettingsError(f"{name} must be {what}, got {raw!r}")
+            if parsed < minimum or parsed > maximum:
+                bounds = f">= {minimum}" if maximum == math.inf else f"between {minimum} and {maximum}"
+                raise SettingsError(f"{name} must be {bounds}, got {raw!r}")
             values[attr] = parsed
 
         for name, attr in [
@@ -81,9 +86,9 @@ class Settings:
         number("DEFAULT_MONTHLY_LIMIT", "default_monthly_limit", int, 0)
         number("PUBLISH_TIMEOUT_MS", "publish_timeout_ms", int, 1)
         number("COMMAND_TIMEOUT_S", "command_timeout_s", float, 0.1)
-        number("RECONCILER_HTTP_PORT", "reconciler_http_port", int, 0)
-        number("FREEZER_HTTP_PORT", "freezer_http_port", int, 0)
-        number("GATEWAY_PORT", "gateway_port", int, 0)
+        number("RECONCILER_HTTP_PORT", "reconciler_http_port", int, 0, 65535)
+        number("FREEZER_HTTP_PORT", "freezer_http_port", int, 0, 65535)
+        number("GATEWAY_PORT", "gateway_port", int, 0, 65535)
         number("SITE_CACHE_TTL_S", "site_cache_ttl_s", float, 0)
         if values.get("idempotency_version", 1) not in (1, 2):
             raise SettingsError("IDEMPOTENCY_VERSION must be 1 or 2")

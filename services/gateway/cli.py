@@ -5,11 +5,14 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from services.gateway.main import run_gateways
 from shared.settings import Settings
 
 
 def cmd_gateway(args: argparse.Namespace, settings: Settings) -> int:
+    # Imported here: every `revkernel` command builds the whole parser, and the gateway's imports
+    # (aiohttp, aio-pika, ...) would add a third of a second to each admin command.
+    from services.gateway.main import run_gateways
+
     overrides: dict[str, Any] = {}
     if args.host:
         overrides["gateway_host"] = args.host

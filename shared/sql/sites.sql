@@ -19,7 +19,7 @@ RETURNING id;
 
 -- name: upsert_plan
 INSERT INTO site_plans (site_id, plan_tier, monthly_limit, soft_limit_enabled, hard_cap_multiplier)
-VALUES ($1, coalesce($2, 'free'), $3, coalesce($4, false), coalesce($5, 2))
+VALUES ($1, coalesce($2::text, 'free'), $3::integer, coalesce($4::boolean, false), coalesce($5::numeric, 2))
 ON CONFLICT (site_id) DO UPDATE SET
     plan_tier = coalesce($2, site_plans.plan_tier),
     monthly_limit = $3,

@@ -1,0 +1,81 @@
+"""Bearer credentials: cron secret and HS256 JWTs (SPEC §8, §10), without any server."""
+
+from __future__ import annotations
+
+import time
+
+import jwt
+import pytest
+
+from shared.auth import (
+    AuthError,
+    AuthMisconfigured,
+    bearer_token,
+    cron_secret_matches,
+    issue_token,
+    verify_token,
+)
+from shared.settings import Settings
+
+SECRET = "s" * 32
+
+
+def test_issued_token_verifies_with_subject() -> None:
+    s = Settings(auth_jwt_secret=SECRET)
+    principal = verify_token(s, issue_token(s, "alice", 60))
+    assert principal.user_id == "alice"
+    assert principal.claims["exp"] - principal.claims["iat"] == 60
+
+
+@pytest.mark.parametrize("secret", [None, "", "s" * 31])
+def test_missing_or_short_secret_is_misconfigured(secret: str | None) -> None:
+    s = Settings(auth_jwt_secret=secret)
+    with pytest.raises(AuthMisconfigured):
+        issue_token(s, "alice")
+    with pytest.raises(AuthMisconfigured):
+        verify_token(s, "anything")
+
+
+def test_expired_wrong_key_and_missing_claims_are_refused() -> None:
+    s = Settings(auth_jwt_secret=SECRET)
+    now = int(time.time())
+    expired = jwt.encode({"sub": "a", "exp": now - 10}, SECRET, algorithm="HS256")
+    other_key = jwt.encode({"sub": "a", "exp": now + 60}, "o" * 32, algorithm="HS256")
+    no_exp = jwt.encode({"sub": "a"}, SECRET, algorithm="HS256")
+    no_sub = jwt.encode({"exp": now + 60}, SECRET, algorithm="HS256")
+    for token in (expired, other_key, no_exp, no_sub, "not-a-jwt", None):
+        with pytest.raises(AuthError):
+            verify_token(s, token)
+
+
+def test_audience_and_issuer_are_checked_only_when_configured() -> None:
+    now = int(time.time())
+    token = jwt.encode({"sub": "a", "exp": now + 60, "aud": "x", "iss": "y"}, SECRET, algorithm="HS256")
+    assert verify_token(Settings(auth_jwt_secret=SECRET), token).user_id == "a"
+    assert (
+        verify_token(
+            Settings(auth_jwt_secret=SECRET, auth_jwt_audience="x", auth_jwt_issuer="y"), token
+        ).user_id
+        == "a"
+    )
+    with pytest.raises(AuthError):
+        verify_token(Settings(auth_jwt_secret=SECRET, auth_jwt_audience="other"), token)
+    with pytest.raises(AuthError):
+        verify_token(Settings(auth_jwt_secret=SECRET, auth_jwt_issuer="other"), token)
+
+
+def test_bearer_header_parsing() -> None:
+    assert bearer_token("Bearer abc") == "abc"
+    assert bearer_token("bearer  abc ") == "abc"
+    assert bearer_token("Basic abc") is None
+    assert bearer_token("Bearer ") is None
+    assert bearer_token(None) is None
+
+
+def test_cron_secret_compare() -> None:
+    s = Settings(cron_secret="c" * 20)
+    assert cron_secret_matches(s, "c" * 20)
+    assert not cron_secret_matches(s, "c" * 19)
+    assert not cron_secret_matches(s, None)
+    with pytest.raises(AuthMisconfigured):
+        cron_secret_matches(Settings(), "x")
