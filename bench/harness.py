@@ -60,6 +60,7 @@ N_SITES = 16
 SITE_RATE_LIMIT = 100_000_000
 SITE_MONTHLY_LIMIT = 1_000_000_000
 TARGETS = ("seed", "bare", "product")
+PROFILE_FORMATS = {"flamegraph": "svg", "speedscope": "speedscope.json", "raw": "txt"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,6 +80,8 @@ class Options:
     vhost: str
     keep: bool
     out_dir: Path
+    profile: str | None = None  # py-spy output format; profiles the product's first peak run
+    profile_native: bool = False
 
 
 def _env_int(name: str, default: int) -> int:
@@ -110,6 +113,10 @@ def parse_options(argv: Sequence[str] | None = None) -> Options:
     p.add_argument("--keep", action="store_true", default=env("BENCH_KEEP", "") == "1",
                    help="keep the rk_bench database and the vhost afterwards [BENCH_KEEP=1]")
     p.add_argument("--out", type=Path, default=Path(env("BENCH_OUT", str(BENCH_DIR / "out"))))
+    p.add_argument("--profile", choices=PROFILE_FORMATS,
+                   help="record the product gateway (all workers) with py-spy during its first peak run; "
+                        "bench/profile.sh sets this")
+    p.add_argument("--profile-native", action="store_true", help="py-spy --native (C extension frames)")
     a = p.parse_args(argv)
     targets = tuple(t.strip() for t in a.targets.split(",") if t.strip())
     unknown = [t for t in targets if t not in TARGETS]
@@ -125,7 +132,7 @@ def parse_options(argv: Sequence[str] | None = None) -> Options:
         workers=a.workers, targets=targets, half_fraction=a.half, warmup_s=max(0, a.warmup),
         gateway_log_level=a.gateway_log_level, product_db=env("BENCH_DB", "rk_bench"),
         naive_db=env("BENCH_NAIVE_DB", "bench"), vhost=env("BENCH_VHOST", "rk-bench"), keep=a.keep,
-        out_dir=a.out,
+        out_dir=a.out, profile=a.profile, profile_native=a.profile_native,
     )
 
 
@@ -236,6 +243,7 @@ class Bench:
         self.amqp_url = f"{AMQP}/{opts.vhost}"
         self.product_dsn = f"{PG}/{opts.product_db}"
         self.naive_dsn = f"{PG}/{opts.naive_db}"
+        self.profiles: list[Path] = []
 
     def log(self, message: str) -> None:
         print(f"[bench {datetime.now(UTC):%H:%M:%S}] {message}", file=sys.stderr, flush=True)
@@ -367,6 +375,32 @@ class Bench:
 
     # ---- one wrk run ------------------------------------------------------------------------
 
+    def _start_profiler(self, target: Target, server_pid: int, kind: str, send_s: float) -> str | None:
+        """py-spy on the gateway and its workers over the sending window of its first peak run."""
+        fmt = self.opts.profile
+        if fmt is None or target.key != "product" or kind != "peak" or self.profiles:
+            return None
+        mode = f"batch{target.batch}" if target.batch else "single"
+        path = self.opts.out_dir / f"profile-{mode}-{datetime.now(UTC):%Y%m%dT%H%M%SZ}.{PROFILE_FORMATS[fmt]}"
+        py_spy = str(Path(sys.executable).with_name("py-spy"))
+        argv = [py_spy, "record", "--pid", str(server_pid), "--subprocesses", "--duration",
+                str(max(1, int(send_s))), "--rate", "100", "--format", fmt, "--output", str(path)]
+        if self.opts.profile_native:
+            argv.append("--native")
+        self.profiles.append(path)
+        self.launcher.start("py-spy", argv)
+        return "py-spy"
+
+    def _finish_profiler(self, name: str) -> None:
+        proc = self.launcher.running[name]
+        proc.wait(timeout=60)
+        self.launcher.stop(name)
+        path = self.profiles[-1]
+        if proc.returncode != 0 or not path.exists():
+            raise StartError(f"py-spy failed ({proc.returncode}); see {self.launcher.log_path(name)}:\n"
+                             + self.launcher.log_tail(name))
+        self.log(f"profile written to {path}")
+
     def _counts(self, target: Target) -> tuple[int, int]:
         assert target.rows_dsn is not None
         dsn = target.rows_dsn
@@ -384,6 +418,7 @@ class Bench:
         spec = LoadSpec(target.url, duration_s, self.opts.connections, self.opts.threads, target.batch,
                         rate, send_s, uuid.uuid4().hex[:12])
         name = f"wrk-{target.key}-{kind}-{uuid.uuid4().hex[:4]}"
+        profiler = self._start_profiler(target, server_pid, kind, send_s)
         wrk_pid = self.launcher.start(name, spec.argv())
         start = snapshot()
         # The CPU window is the sending window: after it, only the last in-flight requests finish.
@@ -392,6 +427,8 @@ class Bench:
         proc = self.launcher.running[name]
         proc.wait(timeout=duration_s + 60)
         self.launcher.stop(name)
+        if profiler is not None:
+            self._finish_profiler(profiler)
         wrk = parse_wrk_output(self.launcher.log_path(name).read_text(errors="replace"))
         classify = make_classifier(
             end.procs, {"server": [server_pid], "wrk": [wrk_pid], "redis": [self.redis_pid]},
@@ -451,6 +488,9 @@ def opts_summary(opts: Options, argv: Sequence[str] | None) -> dict[str, str]:
                    f"product LOG_LEVEL={opts.gateway_log_level}",
         "machine": f"{_cpu_model()}, {os.cpu_count()} CPUs, {platform.system()} {platform.release()}",
         "commit": _git_commit(),
+        **({"profile": f"py-spy record ({opts.profile}{', --native' if opts.profile_native else ''}) on the "
+                       "product's first peak run: its figures include the sampling overhead"}
+           if opts.profile else {}),
     }
 
 

@@ -81,12 +81,15 @@ end
 function delay()
   running = true
   local t = now_ms()
-  if t >= stop_at then return HOLD_MS end
-  if period_ms == 0 then return 0 end
-  if next_slot < t then next_slot = t end
-  local wait = next_slot - t
-  next_slot = next_slot + period_ms
-  return math.floor(wait)
+  local slot = t
+  if period_ms > 0 then
+    if next_slot < t then next_slot = t end
+    slot = next_slot
+  end
+  -- A paced schedule runs up to one slot per connection ahead of the clock: judge the slot, not now.
+  if slot >= stop_at then return HOLD_MS end
+  if period_ms > 0 then next_slot = next_slot + period_ms end
+  return math.floor(slot - t)
 end
 
 local function event(site, i)

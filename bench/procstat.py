@@ -2,8 +2,9 @@
 
 Groups: the server under test (its process and every descendant), the load generator, the private
 Redis, Postgres (the postmaster, its auxiliary processes, and the backends of the bench databases
-only: other engineers' test databases share the cluster), RabbitMQ (the broker's Erlang VM, shared
-by every vhost), and `other` = whatever else the machine spent (noise from concurrent work).
+only: other engineers' test databases share the cluster), RabbitMQ (the broker's Erlang VM and its
+helpers, shared by every vhost; not the VMs of rabbitmqctl calls), and `other` = whatever else the
+machine spent (noise from concurrent work, and kernel time not charged to a process).
 """
 
 from __future__ import annotations
@@ -20,7 +21,9 @@ PROC = Path("/proc")
 
 # "postgres: 15/main: postgres rk_bench 127.0.0.1(5432) idle" (the cluster prefix is optional).
 _PG_BACKEND = re.compile(r"^postgres: (?:\S+: )?\S+ (\S+) (?:\S+\(\d+\)|\[local\])")
-RABBITMQ_COMMS = frozenset({"beam.smp", "erl_child_setup", "epmd", "inet_gethost"})
+# The broker is the Erlang VM booting the `rabbit` application; rabbitmqctl also runs a beam.smp (of
+# someone else, during a run), which is not the broker.
+_RABBIT_BROKER = "-s rabbit boot"
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,7 +112,9 @@ def make_classifier(
     procs: Mapping[int, Proc], trees: Mapping[str, Iterable[int]], bench_databases: Iterable[str]
 ) -> Classifier:
     """Group of a process: a named process tree (server, wrk, redis), postgres, rabbitmq, or None."""
-    owner = {pid: group for group, roots in trees.items() for pid in descendants(procs, roots)}
+    brokers = [p.pid for p in procs.values() if p.comm == "beam.smp" and _RABBIT_BROKER in p.title]
+    owner = {pid: "rabbitmq" for pid in descendants(procs, brokers)}
+    owner.update({pid: group for group, roots in trees.items() for pid in descendants(procs, roots)})
     databases = frozenset(bench_databases)
 
     def classify(proc: Proc) -> str | None:
@@ -118,7 +123,7 @@ def make_classifier(
         if proc.comm == "postgres":
             database = postgres_database(proc)
             return "postgres" if database is None or database in databases else None
-        if proc.comm in RABBITMQ_COMMS:
+        if proc.comm == "epmd":  # the Erlang port mapper of the broker's node
             return "rabbitmq"
         return None
 
