@@ -11,6 +11,7 @@ import uuid
 from collections.abc import AsyncIterator
 from decimal import Decimal
 
+import aiohttp
 import asyncpg
 import orjson
 import pytest
@@ -395,3 +396,32 @@ async def test_reconcile_cli_prints_counts(db: asyncpg.Connection, settings: Set
     body = orjson.loads(out.stdout)
     assert body["ok"] is True and body["sites"] == 1
     assert body["results"][0]["event_count"] == 3
+
+
+async def test_reconciler_process_is_ready_and_exits_0_on_sigterm(settings: Settings) -> None:
+    port = free_port()
+    env = {**settings_env(settings), "RECONCILER_HTTP_PORT": str(port)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "services.cli", "reconciler"],
+        env=env,
+        cwd=REPO_ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        async with aiohttp.ClientSession() as http:
+
+            async def ready() -> bool:
+                try:
+                    async with http.get(f"http://127.0.0.1:{port}/readyz") as resp:
+                        return resp.status == 200
+                except aiohttp.ClientError:
+                    return False
+
+            await poll(ready, interval_s=0.1)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
