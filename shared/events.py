@@ -116,10 +116,10 @@ def _parse_batch(events: Any) -> SyncBody:
         raise ShapeError("invalid_batch", f"`events` must be an array of 1-{MAX_BATCH} events")
     if not all(isinstance(e, dict) for e in events):
         raise ShapeError("invalid_batch", "every element of `events` must be an object")
-    sites = {e.get("s") for e in events}
-    if len(sites) != 1:
+    # Compared by equality, not hashed: `s` may be any JSON value here, lists and objects included.
+    site = events[0].get("s")
+    if any(e.get("s") != site for e in events):
         raise ShapeError("invalid_batch", "every event of a batch must name the same site in `s`")
-    site = next(iter(sites))
     if not isinstance(site, str) or not site or len(site) > MAX_SITE_ID:
         raise ShapeError("invalid_batch", "the batch's `s` must be a non-empty string of at most 128 chars")
     shapes = []
