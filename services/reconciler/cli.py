@@ -1,31 +1,23 @@
-"""`revkernel reconciler`, `revkernel reconcile`, `revkernel backfill` (SPEC §13)."""
+"""`revkernel reconciler`, `revkernel reconcile`, `revkernel backfill` (SPEC §13).
+
+Module-level imports stay light (every `revkernel` invocation builds the whole parser); the worker,
+database and broker modules are imported inside the handlers.
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
-from typing import Any
-
-import asyncpg
-import orjson
+from typing import TYPE_CHECKING, Any
 
 from services.cli import CliError, run_async
-from services.reconciler.main import Reconciler, ReconcilerConfig
-from services.reconciler.recovery import RecoverySettings
-from shared.db import create_pool
 from shared.months import current_year_month, is_year_month
-from shared.queries import query
-from shared.reconciliation import (
-    BackfillInvalid,
-    JobSettings,
-    backfill_jobs,
-    parse_backfill_request,
-    reconcile_month,
-)
-from shared.redis_client import create_redis
 from shared.settings import Settings
-from shared.sites import SiteNotFound, resolve_site
-from shared.worker import run_worker
+
+if TYPE_CHECKING:
+    import asyncpg
+
+    from services.reconciler.main import ReconcilerConfig
 
 
 def _month(raw: str) -> str:
@@ -44,22 +36,50 @@ def _positive_float(raw: str) -> float:
     return value
 
 
+def _positive_int(raw: str) -> int:
+    try:
+        value = int(raw)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {raw!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be >= 1")
+    return value
+
+
 def _print_json(obj: Any) -> None:
+    import orjson
+
     sys.stdout.write(orjson.dumps(obj, option=orjson.OPT_INDENT_2).decode() + "\n")
 
 
 def config_from_args(args: argparse.Namespace) -> ReconcilerConfig:
-    jobs = JobSettings(lease_s=args.lease_seconds, retry_base_s=args.retry_base_seconds)
-    recovery = RecoverySettings(lease_s=args.recovery_lease_seconds, batch_size=args.recovery_batch)
-    return ReconcilerConfig(
-        jobs=jobs,
-        recovery=recovery,
-        reconcile_interval_s=args.reconcile_interval,
-        recovery_interval_s=args.recovery_interval,
+    """ReconcilerConfig from the flags; a flag left out keeps the documented default."""
+    from dataclasses import replace
+
+    from services.reconciler.main import ReconcilerConfig
+    from services.reconciler.recovery import RecoverySettings
+    from shared.reconciliation import JobSettings
+
+    def given(**values: Any) -> dict[str, Any]:
+        return {k: v for k, v in values.items() if v is not None}
+
+    config = ReconcilerConfig()
+    return replace(
+        config,
+        jobs=replace(
+            JobSettings(), **given(lease_s=args.lease_seconds, retry_base_s=args.retry_base_seconds)
+        ),
+        recovery=replace(
+            RecoverySettings(), **given(lease_s=args.recovery_lease_seconds, batch_size=args.recovery_batch)
+        ),
+        **given(reconcile_interval_s=args.reconcile_interval, recovery_interval_s=args.recovery_interval),
     )
 
 
 def cmd_reconciler(args: argparse.Namespace, settings: Settings) -> int:
+    from services.reconciler.main import Reconciler
+    from shared.worker import run_worker
+
     reconciler = Reconciler(settings, config_from_args(args))
     if args.burst:
         handled = run_async(reconciler.worker.burst())
@@ -69,6 +89,11 @@ def cmd_reconciler(args: argparse.Namespace, settings: Settings) -> int:
 
 
 async def _with_clients(settings: Settings, work: Any) -> Any:
+    import asyncpg
+
+    from shared.db import create_pool
+    from shared.redis_client import create_redis
+
     try:
         pool = await create_pool(settings.database_url, min_size=1, max_size=4)
     except (OSError, asyncpg.PostgresError) as exc:
@@ -81,15 +106,24 @@ async def _with_clients(settings: Settings, work: Any) -> Any:
         await pool.close()
 
 
+async def _site_id(pool: asyncpg.Pool, ref: str) -> Any:
+    from shared.sites import SiteNotFound, resolve_site
+
+    try:
+        return (await resolve_site(pool, ref)).id
+    except SiteNotFound as exc:
+        raise CliError(str(exc)) from None
+
+
 def cmd_reconcile(args: argparse.Namespace, settings: Settings) -> int:
+    from shared.queries import query
+    from shared.reconciliation import reconcile_month
+
     month = args.month or current_year_month()
 
     async def work(pool: asyncpg.Pool, redis: Any) -> Any:
         if args.site:
-            try:
-                site_ids = [(await resolve_site(pool, args.site)).id]
-            except SiteNotFound as exc:
-                raise CliError(str(exc)) from None
+            site_ids = [await _site_id(pool, args.site)]
         else:
             rows = await pool.fetch(query("reconcile_sites_with_rows_in_months"), [month])
             site_ids = [r["id"] for r in rows]
@@ -101,13 +135,12 @@ def cmd_reconcile(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_backfill(args: argparse.Namespace, settings: Settings) -> int:
+    from shared.reconciliation import BackfillInvalid, backfill_jobs, parse_backfill_request
+
     async def work(pool: asyncpg.Pool, redis: Any) -> Any:
         body: dict[str, Any] = {"from": args.from_month, "to": args.to_month}
         if args.site:
-            try:
-                body["site_id"] = str((await resolve_site(pool, args.site)).id)
-            except SiteNotFound as exc:
-                raise CliError(str(exc)) from None
+            body["site_id"] = str(await _site_id(pool, args.site))
         try:
             result = await backfill_jobs(pool, parse_backfill_request(body))
         except BackfillInvalid as exc:
@@ -119,15 +152,14 @@ def cmd_backfill(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def register(sub: argparse._SubParsersAction[Any]) -> None:
-    jobs, recovery = JobSettings(), RecoverySettings()
     p = sub.add_parser("reconciler", help="run the reconciler worker")
     p.add_argument("--burst", action="store_true", help="process queued commands, run schedules once, exit")
-    p.add_argument("--lease-seconds", type=_positive_float, default=jobs.lease_s)
-    p.add_argument("--retry-base-seconds", type=_positive_float, default=jobs.retry_base_s)
-    p.add_argument("--recovery-lease-seconds", type=_positive_float, default=recovery.lease_s)
-    p.add_argument("--recovery-batch", type=int, default=recovery.batch_size)
-    p.add_argument("--reconcile-interval", type=_positive_float, default=300.0, help="seconds")
-    p.add_argument("--recovery-interval", type=_positive_float, default=2.0, help="seconds")
+    p.add_argument("--lease-seconds", type=_positive_float, help="job lease (default 300)")
+    p.add_argument("--retry-base-seconds", type=_positive_float, help="first job retry delay (default 30)")
+    p.add_argument("--recovery-lease-seconds", type=_positive_float, help="buffer claim lease (default 60)")
+    p.add_argument("--recovery-batch", type=_positive_int, help="buffer rows per claim (default 100)")
+    p.add_argument("--reconcile-interval", type=_positive_float, help="seconds (default 300)")
+    p.add_argument("--recovery-interval", type=_positive_float, help="seconds (default 2)")
     p.set_defaults(handler=cmd_reconciler)
 
     p = sub.add_parser("reconcile", help="reconcile a month now (all active sites, or one) and print JSON")
