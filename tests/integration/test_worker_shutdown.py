@@ -1,0 +1,135 @@
+"""A `revkernel freezer` process stopped in the middle of a command (SPEC §2, §13): SIGTERM drains the
+command in hand, replies and exits 0; a crash (SIGKILL) leaves the unacked command to the next freezer,
+which answers the caller that is still waiting. The command is held mid-way for real: the test owns the
+fleet-wide freeze lock of the month, so the freezer blocks inside `freeze_month`."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import aiohttp
+import asyncpg
+import pytest
+
+from shared.amqp import FREEZER_QUEUE
+from shared.commands import CommandClient
+from shared.db import connect
+from shared.queries import query
+from shared.settings import Settings
+from tests.conftest import free_port, settings_env
+
+MONTH = "2026-01"
+
+
+class FreezerProcess:
+    def __init__(self, settings: Settings, log: Path) -> None:
+        self.port = free_port()
+        self.env = {**settings_env(settings), "FREEZER_HTTP_PORT": str(self.port)}
+        self.log = log
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    async def start(self) -> FreezerProcess:
+        with self.log.open("ab") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "services.cli", "freezer"], env=self.env, stdout=out, stderr=out
+            )
+        deadline = time.monotonic() + 30
+        async with aiohttp.ClientSession() as session:
+            while time.monotonic() < deadline:
+                assert self.proc.poll() is None, self.log.read_text(errors="replace")[-3000:]
+                try:
+                    async with session.get(f"http://127.0.0.1:{self.port}/readyz") as response:
+                        if response.status == 200:
+                            return self
+                except aiohttp.ClientError:
+                    pass
+                await asyncio.sleep(0.05)
+        raise AssertionError("freezer never became ready")
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+
+
+@pytest.fixture
+async def client(settings: Settings) -> AsyncIterator[CommandClient]:
+    client = CommandClient(settings.amqp_url, timeout_s=30)
+    await client.start()
+    yield client
+    await client.close()
+
+
+async def wait_until_blocked_on_freeze_lock(db: asyncpg.Connection, timeout_s: float = 20) -> None:
+    """Until another session waits for an advisory lock (the freezer, inside the command)."""
+    deadline = time.monotonic() + timeout_s
+    while not await db.fetchval(
+        "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted AND database = "
+        "(SELECT oid FROM pg_database WHERE datname = current_database())"
+    ):
+        if time.monotonic() > deadline:
+            raise AssertionError("the freezer never reached the freeze lock")
+        await asyncio.sleep(0.02)
+
+
+async def freeze_runs(db: asyncpg.Connection, request_id: str) -> int:
+    """Audit rows of freeze runs made for this command (one per run that completed)."""
+    return int(await db.fetchval(
+        "SELECT count(*) FROM billing_audit_log WHERE year_month = $1 AND request_id = $2", MONTH, request_id
+    ))
+
+
+async def test_sigterm_mid_command_finishes_it_and_exits_0(
+    settings: Settings, db: asyncpg.Connection, client: CommandClient, tmp_path: Path
+) -> None:
+    freezer = await FreezerProcess(settings, tmp_path / "freezer.log").start()
+    holder = await connect(settings.database_url)
+    try:
+        await holder.fetchval(query("freeze_lock_month"), MONTH)
+        call = asyncio.create_task(
+            client.call(FREEZER_QUEUE, "freeze", {"year_month": MONTH}, request_id="sigterm-drain")
+        )
+        await wait_until_blocked_on_freeze_lock(db)
+        assert freezer.proc is not None
+        freezer.proc.send_signal(signal.SIGTERM)
+        # The freezer stopped consuming and is draining; the command it holds can now finish.
+        await holder.fetchval(query("freeze_unlock_month"), MONTH)
+        reply = await asyncio.wait_for(call, 30)
+        assert reply["ok"] is True and reply["year_month"] == MONTH
+        assert await asyncio.to_thread(freezer.proc.wait, 30) == 0
+        assert await freeze_runs(db, "sigterm-drain") == 1
+    finally:
+        await holder.close()
+        freezer.kill()
+
+
+async def test_crash_mid_command_leaves_it_to_the_next_freezer(
+    settings: Settings, db: asyncpg.Connection, client: CommandClient, tmp_path: Path
+) -> None:
+    first = await FreezerProcess(settings, tmp_path / "freezer-1.log").start()
+    holder = await connect(settings.database_url)
+    second: FreezerProcess | None = None
+    try:
+        await holder.fetchval(query("freeze_lock_month"), MONTH)
+        call = asyncio.create_task(
+            client.call(FREEZER_QUEUE, "freeze", {"year_month": MONTH}, request_id="crash-redeliver")
+        )
+        await wait_until_blocked_on_freeze_lock(db)
+        first.kill()
+        await holder.fetchval(query("freeze_unlock_month"), MONTH)
+        assert not call.done()
+        second = await FreezerProcess(settings, tmp_path / "freezer-2.log").start()
+        reply = await asyncio.wait_for(call, 30)
+        assert reply["ok"] is True and reply["year_month"] == MONTH
+        assert await freeze_runs(db, "crash-redeliver") == 1
+    finally:
+        await holder.close()
+        first.kill()
+        if second is not None:
+            second.kill()
