@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import enum
 import hashlib
+import re
 import uuid
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -26,22 +27,20 @@ EXPORT_ROLES = frozenset({"owner", "admin", "billing"})
 AUDIT_ACTION = "dispute_export"
 DEFAULT_BATCH_ROWS = 5000
 
-_NEEDS_QUOTING = frozenset(',"\r\n')
+_NEEDS_QUOTING = re.compile(r'[",\r\n]')
 
 
 def format_created_at(instant: datetime) -> str:
     """RFC 3339 UTC with microseconds and `Z`, e.g. `2026-11-05T10:00:00.123456Z`."""
-    if instant.tzinfo is None:
-        raise ValueError("created_at must be timezone-aware")
     if instant.tzinfo is not UTC:
-        instant = instant.astimezone(UTC)
+        instant = _utc(instant)
     # isoformat of a UTC instant always ends in "+00:00".
     return instant.isoformat(timespec="microseconds")[:-6] + "Z"
 
 
 def csv_field(text: str) -> str:
     """RFC 4180 quoting, only when needed (keys written by the gateway never need it)."""
-    if _NEEDS_QUOTING.isdisjoint(text):
+    if _NEEDS_QUOTING.search(text) is None:
         return text
     return '"' + text.replace('"', '""') + '"'
 
@@ -57,8 +56,29 @@ def format_row(
 
 
 def format_rows(rows: Iterable[Sequence[Any]]) -> bytes:
-    """The UTF-8 bytes of many rows, each `(created_at, key, version, state, billable)`."""
-    return "".join([format_row(r[0], r[1], r[2], r[3], r[4]) for r in rows]).encode()
+    """The UTF-8 bytes of many rows, each `(created_at, key, version, state, billable)`: exactly the
+    concatenation of `format_row` over them (a unit test holds the two together), written out inline
+    because this loop is the export's hot path (about 1.5 µs of a row's 3 µs is `isoformat`)."""
+    quoting = _NEEDS_QUOTING.search
+    lines = []
+    for created_at, key, version, state, billable in rows:
+        if created_at.tzinfo is not UTC:
+            created_at = _utc(created_at)
+        if quoting(key) is not None:
+            key = csv_field(key)
+        if quoting(state) is not None:
+            state = csv_field(state)
+        lines.append(
+            f"{created_at.isoformat(timespec='microseconds')[:-6]}Z,{key},{version},{state},"
+            f"{'true' if billable else 'false'}\n"
+        )
+    return "".join(lines).encode()
+
+
+def _utc(instant: datetime) -> datetime:
+    if instant.tzinfo is None:
+        raise ValueError("created_at must be timezone-aware")
+    return instant.astimezone(UTC)
 
 
 def export_filename(site_id: uuid.UUID, year_month: str) -> str:
