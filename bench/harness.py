@@ -1,11 +1,12 @@
 """`make bench` (single events) and `make bench-batch` (batches of 50): the seed-style gate, the bare
-aiohttp handler and the product gateway, one after another, under the same wrk load (bench/load.lua).
+aiohttp handler and the product gateway under the same wrk load (bench/load.lua), in turn.
 
-For each target: start it, wait until every worker listens, probe it with one event, warm it up, run
-the load BENCH_RUNS times at peak and once paced at half of the median peak rate, stop it. Each run
-samples CPU by process group (bench/procstat.py) over the sending window; after each run of a gate
-that writes (seed-style, product) the loss check compares what the server answered with the billable
-rows it committed and the events it put on its queue (drained from the harness's own vhost).
+Each target is started, waited for until every worker listens, probed with one event and warmed up;
+then the peak runs go round-robin over the targets (BENCH_RUNS rounds), then one run per target paced
+at half of its median peak rate; then they are stopped. Each run samples CPU by process group
+(bench/procstat.py) over the sending window; after each run of a gate that writes (seed-style,
+product) the loss check compares what the server answered with the billable rows it committed and
+the events it put on its queue (drained from the harness's own vhost).
 
 Everything runs against resources the harness creates and removes: a private redis-server, the
 RabbitMQ vhost `rk-bench`, the database `rk_bench` (product, dropped and migrated afresh) and `bench`
@@ -233,6 +234,19 @@ class Target:
         return f"http://127.0.0.1:{self.port}/api/sync"
 
 
+@dataclass(slots=True)
+class Live:
+    """A target that is up and being measured."""
+
+    target: Target
+    result: TargetResult
+    pid: int
+
+
+# What makes one target fail without stopping the others.
+FAILURES = (StartError, WrkOutputError, TimeoutError, subprocess.CalledProcessError, urllib.error.URLError)
+
+
 class Bench:
     def __init__(self, opts: Options, runner: asyncio.Runner) -> None:
         self.opts = opts
@@ -244,6 +258,7 @@ class Bench:
         self.product_dsn = f"{PG}/{opts.product_db}"
         self.naive_dsn = f"{PG}/{opts.naive_db}"
         self.profiles: list[Path] = []
+        self.results: list[TargetResult] = []
 
     def log(self, message: str) -> None:
         print(f"[bench {datetime.now(UTC):%H:%M:%S}] {message}", file=sys.stderr, flush=True)
@@ -335,35 +350,65 @@ class Bench:
             time.sleep(0.5)
         raise StartError(f"{target.key}: the probe event was never queued; last answer: {last}")
 
-    def bench_target(self, key: str) -> TargetResult:
-        target = self.build(key)
-        result = TargetResult(key, target.label, target.batch)
-        self.log(f"{key}: starting {' '.join(target.argv[:3])} ... on :{target.port}")
-        pid = self.launcher.start(key, target.argv, target.env)
+    def bring_up(self, key: str) -> Live | None:
+        """Start one target, probe it, warm it up; None when it is skipped (result recorded)."""
+        result = TargetResult(key, key, self.opts.batch)
+        self.results.append(result)
         try:
+            target = self.build(key)
+            result.label, result.batch = target.label, target.batch
+            self.log(f"{key}: starting {' '.join(target.argv[:3])} ... on :{target.port}")
+            pid = self.launcher.start(key, target.argv, target.env)
             self.launcher.wait_listening(key, target.port, self.opts.workers)
             result.skipped = self.probe(target)
             if result.skipped:
                 self.log(f"{key}: skipped: {result.skipped}")
-                return result
+                result.exit_code = self.launcher.stop(key)
+                return None
             if target.prepare is not None:
                 target.prepare()
             if target.queue is not None:  # the probe's message: the first loss check starts from empty
                 self.run_async(drain_queue(self.amqp_url, target.queue))
+            live = Live(target, result, pid)
             if self.opts.warmup_s:
                 warm = self.run_load(target, pid, "warmup", max(2, self.opts.warmup_s), 0)
                 self.log(f"{key}: warm-up {self._line(warm)}")
-            for i in range(self.opts.runs):
-                run = self.run_load(target, pid, "peak", self.opts.duration_s, 0)
-                result.runs.append(run)
-                self.log(f"{key}: run {i + 1}/{self.opts.runs} {self._line(run)}")
-            if self.opts.half_fraction:
-                rate = self.opts.half_fraction * statistics.median(r.wrk.requests_per_s for r in result.runs)
-                result.half = self.run_load(target, pid, "half", self.opts.duration_s, rate)
-                self.log(f"{key}: paced at {rate:,.0f} req/s {self._line(result.half)}")
-        finally:
-            result.exit_code = self.launcher.stop(key)
-        return result
+        except FAILURES as exc:
+            self.fail(result, exc)
+            return None
+        return live
+
+    def fail(self, result: TargetResult, exc: BaseException) -> None:
+        self.log(f"{result.key}: FAILED: {exc}")
+        result.skipped = f"failed: {exc}"
+        result.exit_code = self.launcher.stop(result.key)
+
+    def bench_all(self) -> None:
+        """Every target up at once, then the runs round-robin (seed, bare, product, seed, ...): noise
+        from concurrent work on the machine drifts over minutes, and interleaving spreads it evenly
+        over the targets instead of loading it onto whichever ran last."""
+        live = [entry for key in self.opts.targets if (entry := self.bring_up(key)) is not None]
+        for i in range(self.opts.runs):
+            for entry in list(live):
+                try:
+                    run = self.run_load(entry.target, entry.pid, "peak", self.opts.duration_s, 0)
+                except FAILURES as exc:
+                    self.fail(entry.result, exc)
+                    live.remove(entry)
+                    continue
+                entry.result.runs.append(run)
+                self.log(f"{entry.target.key}: run {i + 1}/{self.opts.runs} {self._line(run)}")
+        for entry in live if self.opts.half_fraction else []:
+            peak = statistics.median(r.wrk.requests_per_s for r in entry.result.runs)
+            rate = self.opts.half_fraction * peak
+            try:
+                entry.result.half = self.run_load(entry.target, entry.pid, "half", self.opts.duration_s, rate)
+            except FAILURES as exc:
+                self.fail(entry.result, exc)
+                continue
+            self.log(f"{entry.target.key}: paced at {rate:,.0f} req/s {self._line(entry.result.half)}")
+        for entry in live:
+            entry.result.exit_code = self.launcher.stop(entry.target.key)
 
     @staticmethod
     def _line(run: RunResult) -> str:
@@ -452,19 +497,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     opts.out_dir.mkdir(parents=True, exist_ok=True)
     signal.signal(signal.SIGTERM, _sigterm)
     started = datetime.now(UTC)
-    results: list[TargetResult] = []
     with asyncio.Runner() as runner:
         bench = Bench(opts, runner)
         try:
             bench.setup()
-            for key in opts.targets:
-                try:
-                    results.append(bench.bench_target(key))
-                except (StartError, WrkOutputError, TimeoutError, subprocess.CalledProcessError) as exc:
-                    bench.log(f"{key}: FAILED: {exc}")
-                    results.append(TargetResult(key, key, opts.batch, skipped=f"failed: {exc}"))
+            bench.bench_all()
         finally:
             bench.teardown()
+    results = bench.results
     text = report.render(opts_summary(opts, argv), results, started, datetime.now(UTC))
     print(text)
     mode = f"batch{opts.batch}" if opts.batch else "single"
