@@ -2,13 +2,14 @@
 write its immutable `invoice_snapshot`.
 
 The month rules and the snapshot hash are pure functions; `freeze_month` is called by the freezer's
-command handler and schedule, and by `revkernel freeze`. Counting and the `site_usage_monthly` upsert
-are `shared.reconciliation.reconcile_month`, the same code the reconciler runs.
+command handler and schedule, and by `revkernel freeze`. It reconciles set-based, a chunk of sites per
+statement (`freeze_reconcile_sites`): the same count rule as `shared.reconciliation.reconcile_month`
+(the tests hold the two equal) and the same `site_usage_monthly` upsert, without the Redis drift check,
+which only matters for the open month the gate reserves against.
 """
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import time
 import uuid
@@ -17,12 +18,10 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import asyncpg
-import redis.asyncio as aioredis
 
 from shared.logging import get_logger
 from shared.months import add_months, current_year_month, is_year_month, month_start
 from shared.queries import query
-from shared.reconciliation import reconcile_month
 
 log = get_logger("freeze")
 
@@ -30,7 +29,7 @@ AUDIT_ACTION = "invoice_freeze"
 # After midnight of the 1st, events of the last instants of the month may still be committing; the
 # scheduled freeze waits this long (SPEC §2: 00:10 UTC on the 1st).
 FREEZE_GRACE = timedelta(minutes=10)
-DEFAULT_CONCURRENCY = 8
+DEFAULT_CHUNK_SITES = 500
 LOCK_WAIT_S = 600.0
 
 
@@ -112,56 +111,30 @@ async def unfrozen_site_count(conn: asyncpg.Connection | asyncpg.Pool, year_mont
     return int(await conn.fetchval(query("freeze_unfrozen_site_count"), year_month))
 
 
-async def _freeze_site(
-    pool: asyncpg.Pool,
-    redis: aioredis.Redis,
-    site_id: uuid.UUID,
-    year_month: str,
-    commit_sha: str,
-    generated_by: str,
-) -> bool:
-    """Reconcile one site's month, then insert its snapshot; True when this call inserted it."""
-    usage = await reconcile_month(pool, redis, site_id, year_month)
-    digest = snapshot_hash(site_id, year_month, usage.event_count, usage.overage_count, commit_sha)
-    inserted = await pool.fetchval(
-        query("freeze_insert_snapshot"),
-        site_id,
-        year_month,
-        usage.event_count,
-        usage.overage_count,
-        digest,
-        commit_sha,
-        generated_by,
-    )
-    return bool(inserted)
-
-
-async def _freeze_sites(
-    pool: asyncpg.Pool,
-    redis: aioredis.Redis,
-    site_ids: list[uuid.UUID],
-    year_month: str,
-    commit_sha: str,
-    generated_by: str,
-    concurrency: int,
+async def _freeze_chunk(
+    pool: asyncpg.Pool, site_ids: list[uuid.UUID], year_month: str, commit_sha: str, generated_by: str
 ) -> int:
-    """Freeze each site, `concurrency` at a time; how many snapshots were inserted. The first failure
-    cancels the rest (their snapshots are simply written by the next run)."""
-    gate = asyncio.Semaphore(max(1, concurrency))
-
-    async def one(site_id: uuid.UUID) -> bool:
-        async with gate:
-            return await _freeze_site(pool, redis, site_id, year_month, commit_sha, generated_by)
-
-    tasks = [asyncio.create_task(one(site_id)) for site_id in site_ids]
-    try:
-        outcomes = await asyncio.gather(*tasks)
-    except BaseException:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        raise
-    return sum(1 for done in outcomes if done)
+    """Reconcile a chunk of sites and insert their snapshots, in one transaction; how many inserted."""
+    async with pool.acquire() as conn, conn.transaction():
+        counted = await conn.fetch(query("freeze_reconcile_sites"), site_ids, year_month)
+        ids = [r["site_id"] for r in counted]
+        events = [int(r["event_count"]) for r in counted]
+        overages = [int(r["overage_count"]) for r in counted]
+        hashes = [
+            snapshot_hash(site_id, year_month, e, o, commit_sha)
+            for site_id, e, o in zip(ids, events, overages, strict=True)
+        ]
+        inserted = await conn.fetch(
+            query("freeze_insert_snapshots"),
+            ids,
+            year_month,
+            events,
+            overages,
+            hashes,
+            commit_sha,
+            generated_by,
+        )
+    return len(inserted)
 
 
 async def _unlock(conn: asyncpg.Connection, year_month: str) -> None:
@@ -174,17 +147,17 @@ async def _unlock(conn: asyncpg.Connection, year_month: str) -> None:
 
 async def freeze_month(
     pool: asyncpg.Pool,
-    redis: aioredis.Redis,
     year_month: str | None,
     *,
     commit_sha: str,
     generated_by: str,
     request_id: str | None = None,
     trigger: str = "command",
-    concurrency: int = DEFAULT_CONCURRENCY,
+    chunk_sites: int = DEFAULT_CHUNK_SITES,
     now: datetime | None = None,
 ) -> FreezeResult:
-    """Freeze a past month (default: the previous one) for every site with rows in it.
+    """Freeze a past month (default: the previous one) for every site with rows in it: reconcile its
+    usage from `ingest_idempotency`, then insert its snapshot, one transaction per chunk of sites.
 
     Sites whose snapshot exists are counted as `skipped` (their snapshot is never touched). Freezes of
     one month are serialised fleet-wide, so a second run waits for the first and then inserts nothing.
@@ -196,9 +169,10 @@ async def freeze_month(
         await lock_conn.fetchval(query("freeze_lock_month"), month, timeout=LOCK_WAIT_S)
         try:
             site_ids = await sites_with_rows(lock_conn, month)
-            inserted = await _freeze_sites(
-                pool, redis, site_ids, month, commit_sha, generated_by, concurrency
-            )
+            inserted = 0
+            for start in range(0, len(site_ids), max(1, chunk_sites)):
+                chunk = site_ids[start : start + max(1, chunk_sites)]
+                inserted += await _freeze_chunk(pool, chunk, month, commit_sha, generated_by)
             result = FreezeResult(
                 year_month=month,
                 inserted=inserted,

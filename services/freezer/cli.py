@@ -18,7 +18,6 @@ from shared.buildinfo import resolve_build_info
 from shared.db import create_pool
 from shared.freeze import FreezeRefused, freeze_month
 from shared.months import is_year_month
-from shared.redis_client import create_redis
 from shared.retention import RetentionSettings, run_retention
 from shared.settings import Settings
 from shared.worker import run_worker
@@ -58,7 +57,7 @@ def cmd_freezer(args: argparse.Namespace, settings: Settings) -> int:
     config = FreezerConfig(
         freeze_check_interval_s=args.freeze_check_interval,
         retention_interval_s=args.retention_interval,
-        freeze_concurrency=args.freeze_concurrency,
+        freeze_chunk_sites=args.freeze_chunk_sites,
     )
     freezer = Freezer(settings, config)
     if args.burst:
@@ -80,12 +79,10 @@ def cmd_freeze(args: argparse.Namespace, settings: Settings) -> int:
 
     async def go() -> dict[str, Any]:
         pool = await _pool(settings)
-        redis = create_redis(settings.redis_url, timeout_s=1.0)
         request_id = uuid.uuid4().hex
         try:
             result = await freeze_month(
                 pool,
-                redis,
                 args.month,
                 commit_sha=resolve_build_info(settings).commit_sha,
                 generated_by=f"cli:{socket.gethostname()}:{os.getpid()}",
@@ -95,7 +92,6 @@ def cmd_freeze(args: argparse.Namespace, settings: Settings) -> int:
         except FreezeRefused as exc:
             raise CliError(f"{exc.code}: {exc.reason}") from None
         finally:
-            await redis.aclose()
             await pool.close()
         return {**result.reply(), "request_id": request_id}
 
@@ -135,7 +131,12 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
         default=defaults.retention_interval_s,
         help="seconds between retention runs",
     )
-    p.add_argument("--freeze-concurrency", type=_positive_int, default=defaults.freeze_concurrency)
+    p.add_argument(
+        "--freeze-chunk-sites",
+        type=_positive_int,
+        default=defaults.freeze_chunk_sites,
+        help="sites reconciled and snapshotted per transaction",
+    )
     p.set_defaults(handler=cmd_freezer)
 
     p = sub.add_parser("freeze", help="freeze a past month into invoice snapshots now and print JSON")

@@ -39,7 +39,7 @@ class FreezerConfig:
     # While a retention run stopped at its per-run bound, the next one follows after this long.
     retention_busy_interval_s: float = 60.0
     retention: RetentionSettings = field(default_factory=RetentionSettings)
-    freeze_concurrency: int = 8
+    freeze_chunk_sites: int = 500
     # A freeze of many sites is one command; give it time to finish on SIGTERM.
     drain_timeout_s: float = 60.0
     http_port: int | None = None  # None: FREEZER_HTTP_PORT
@@ -83,13 +83,12 @@ class Freezer:
     async def freeze(self, year_month: str | None, *, request_id: str, trigger: str) -> FreezeResult:
         return await freeze_month(
             self.worker.pool,
-            self.worker.redis,
             year_month,
             commit_sha=self.commit_sha,
             generated_by=self.config.worker_id,
             request_id=request_id,
             trigger=trigger,
-            concurrency=self.config.freeze_concurrency,
+            chunk_sites=self.config.freeze_chunk_sites,
         )
 
     async def freeze_schedule(self, now: datetime | None = None) -> bool:

@@ -24,6 +24,7 @@ from shared.commands import CommandClient
 from shared.db import SERVICE_ROLE, create_pool
 from shared.freeze import FreezeRefused, freeze_month
 from shared.months import add_months, current_year_month, month_first_day, month_start
+from shared.reconciliation import reconcile_month
 from shared.settings import Settings
 from tests.conftest import CRON_SECRET, settings_env
 from tests.integration.reconciler_support import poll
@@ -214,23 +215,21 @@ async def test_worker_rejects_the_current_future_or_malformed_month(
     assert await db.fetchval("SELECT count(*) FROM invoice_snapshot") == 0
 
 
-async def test_freeze_month_refuses_the_current_month_directly(
-    database_url: str, redis_client: aioredis.Redis, month_rows: Month
-) -> None:
+async def test_freeze_month_refuses_the_current_month_directly(database_url: str, month_rows: Month) -> None:
     pool = await create_pool(database_url, min_size=1, max_size=2)
     try:
         with pytest.raises(FreezeRefused):
-            await freeze_month(pool, redis_client, current_year_month(), commit_sha="x", generated_by="t")
+            await freeze_month(pool, current_year_month(), commit_sha="x", generated_by="t")
     finally:
         await pool.close()
 
 
 async def test_snapshot_written_by_the_freeze_is_immutable(
-    db: asyncpg.Connection, database_url: str, redis_client: aioredis.Redis, month_rows: Month
+    db: asyncpg.Connection, database_url: str, month_rows: Month
 ) -> None:
     pool = await create_pool(database_url, min_size=1, max_size=4)
     try:
-        result = await freeze_month(pool, redis_client, MONTH, commit_sha="abc", generated_by="test")
+        result = await freeze_month(pool, MONTH, commit_sha="abc", generated_by="test")
     finally:
         await pool.close()
     assert result.inserted == 3
@@ -421,3 +420,25 @@ async def test_http_freeze_without_a_freezer_is_504_and_the_command_still_runs_l
         )
     }
     assert body["request_id"] in requests
+
+
+async def test_freeze_counts_by_the_reconcilers_rule(
+    db: asyncpg.Connection, database_url: str, redis_client: aioredis.Redis, month_rows: Month
+) -> None:
+    """The freeze reconciles set-based; the reconciler one site at a time. They must never disagree."""
+    pool = await create_pool(database_url, min_size=1, max_size=4)
+    try:
+        await freeze_month(pool, MONTH, commit_sha="c", generated_by="t", chunk_sites=2)
+        for name in ("alpha", "beta", "gamma"):
+            site_id = month_rows.sites[name]
+            reconciled = await reconcile_month(pool, redis_client, site_id, MONTH)
+            snap = await db.fetchrow(
+                "SELECT event_count, overage_count FROM invoice_snapshot WHERE site_id = $1", site_id
+            )
+            assert snap is not None
+            assert (snap["event_count"], snap["overage_count"]) == (
+                reconciled.event_count,
+                reconciled.overage_count,
+            ), name
+    finally:
+        await pool.close()
