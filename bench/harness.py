@@ -276,12 +276,15 @@ class Bench:
         self.log(f"private redis on :{self.redis_port}, vhost {self.opts.vhost}")
 
     def teardown(self) -> None:
-        self.launcher.stop_all()
-        if self.opts.keep:
-            return
-        delete_vhost(self.opts.vhost)
-        if "product" in self.opts.targets:
-            drop_database(self.opts.product_db)
+        try:
+            self.launcher.stop_all()
+        finally:
+            if not self.opts.keep:
+                try:
+                    delete_vhost(self.opts.vhost)
+                finally:
+                    if "product" in self.opts.targets:
+                        drop_database(self.opts.product_db)
 
     # ---- targets ----------------------------------------------------------------------------
 
