@@ -23,6 +23,7 @@ from shared.queries import query
 log = get_logger("retention")
 
 DEFAULT_PARTITION = "ingest_idempotency_default"
+AUDIT_ACTION = "retention"
 _MONTH_PARTITION = re.compile(r"^ingest_idempotency_p(\d{4})_(0[1-9]|1[0-2])$")
 
 
@@ -61,6 +62,10 @@ class RetentionReport:
     busy: list[str] = field(default_factory=list)
     fallback_purged: int = 0
     more_pending: bool = False
+
+    @property
+    def removed_anything(self) -> bool:
+        return bool(self.dropped or self.trimmed or self.fallback_purged)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -116,12 +121,13 @@ async def _purge_fallback(conn: asyncpg.Connection, settings: RetentionSettings)
 
 
 async def run_retention(
-    conn: asyncpg.Connection, settings: RetentionSettings | None = None
+    conn: asyncpg.Connection, settings: RetentionSettings | None = None, *, actor: str = "retention"
 ) -> RetentionReport:
     """Partition maintenance, then: drop wholly expired partitions older than the previous month, trim
     the expired rows of partly expired ones (and of the DEFAULT partition), purge RECOVERED fallback
     rows older than 30 days. One runner at a time (advisory lock); a busy partition is left for the
-    next run. `conn` must not be inside a transaction: every batch commits on its own."""
+    next run. `conn` must not be inside a transaction: every batch commits on its own. A run that
+    removed anything appends one audit row (`actor`) listing what."""
     settings = settings or RetentionSettings()
     if conn.is_in_transaction():
         raise RuntimeError("run_retention commits batch by batch; call it outside a transaction")
@@ -158,6 +164,8 @@ async def run_retention(
             report.more_pending |= bounded
         report.fallback_purged, bounded = await _purge_fallback(conn, settings)
         report.more_pending |= bounded
+        if report.removed_anything:
+            await conn.execute(query("insert_audit"), AUDIT_ACTION, actor, None, None, None, report.as_dict())
     finally:
         await conn.fetchval(query("retention_unlock"))
     log.info("RETENTION_COMPLETE", **report.as_dict())

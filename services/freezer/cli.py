@@ -106,7 +106,11 @@ def cmd_retention(args: argparse.Namespace, settings: Settings) -> int:
         pool = await _pool(settings)
         try:
             async with pool.acquire() as conn:
-                report = await run_retention(conn, RetentionSettings(batch_rows=args.batch_rows))
+                report = await run_retention(
+                    conn,
+                    RetentionSettings(batch_rows=args.batch_rows),
+                    actor=f"cli:{socket.gethostname()}:{os.getpid()}",
+                )
         finally:
             await pool.close()
         return {"ok": True, **report.as_dict()}

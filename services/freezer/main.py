@@ -105,7 +105,7 @@ class Freezer:
 
     async def retention(self) -> RetentionReport:
         async with self.worker.pool.acquire() as conn:
-            return await run_retention(conn, self.config.retention)
+            return await run_retention(conn, self.config.retention, actor=self.config.worker_id)
 
     async def retention_schedule(self) -> bool:
         """Partition maintenance and retention; True (run again soon) when a run stopped at its bound."""

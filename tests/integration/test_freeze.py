@@ -3,7 +3,9 @@ over AMQP commands, its schedule, `revkernel freeze`, and the snapshot's immutab
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
+import signal
 import subprocess
 import sys
 import uuid
@@ -12,6 +14,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import aiohttp
 import asyncpg
 import orjson
 import pytest
@@ -26,7 +29,7 @@ from shared.freeze import FreezeRefused, freeze_month
 from shared.months import add_months, current_year_month, month_first_day, month_start
 from shared.reconciliation import reconcile_month
 from shared.settings import Settings
-from tests.conftest import CRON_SECRET, settings_env
+from tests.conftest import CRON_SECRET, free_port, settings_env
 from tests.integration.reconciler_support import poll
 from tests.support.gateway import gateway_client
 
@@ -442,3 +445,39 @@ async def test_freeze_counts_by_the_reconcilers_rule(
             ), name
     finally:
         await pool.close()
+
+
+async def test_revkernel_freezer_process_serves_commands_health_and_stops_on_sigterm(
+    settings: Settings, db: asyncpg.Connection, month_rows: Month, commands: CommandClient
+) -> None:
+    port = free_port()
+    env = {**settings_env(settings), "FREEZER_HTTP_PORT": str(port)}
+    proc = await asyncio.create_subprocess_exec(
+        REVKERNEL, "freezer", env=env, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE
+    )
+    try:
+        async with aiohttp.ClientSession() as http:
+
+            async def ready() -> bool:
+                try:
+                    async with http.get(f"http://127.0.0.1:{port}/readyz") as r:
+                        return r.status == 200
+                except aiohttp.ClientError:
+                    return False
+
+            await poll(ready)
+            reply = await commands.call(FREEZER_QUEUE, "freeze", {"year_month": MONTH}, request_id="proc")
+            assert (reply["ok"], reply["inserted"], reply["total_sites"]) == (True, 3, 3)
+            retention = await commands.call(FREEZER_QUEUE, "retention", {}, request_id="proc-retention")
+            assert retention["ok"] is True and "dropped_partitions" in retention
+            async with http.get(f"http://127.0.0.1:{port}/healthz") as r:
+                assert r.status == 200
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = await asyncio.wait_for(proc.communicate(), timeout=30)
+        assert proc.returncode == 0, stderr[-2000:]
+        assert b"INVOICE_FREEZE_COMPLETE" in stderr
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert await db.fetchval("SELECT count(*) FROM invoice_snapshot WHERE year_month = $1", MONTH) == 3

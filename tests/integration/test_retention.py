@@ -152,9 +152,16 @@ async def test_retention_drops_expired_partitions_trims_partly_expired_and_keeps
         await db.fetchval("SELECT count(*) FROM ingest_idempotency WHERE expires_at >= now()") == live_before
     )
 
-    # A second run finds nothing more to do.
+    # One audit row says what was removed.
+    [audit] = await db.fetch("SELECT * FROM billing_audit_log WHERE action = 'retention'")
+    assert audit["details"]["dropped_partitions"] == [part(EXPIRED_MONTH)]
+    assert audit["details"]["trimmed_total"] == 6
+
+    # A second run finds nothing more to do, and records nothing.
     again = await run_retention(await as_service(db))
+    await db.execute("RESET ROLE")
     assert (again.dropped, again.trimmed) == ([], {})
+    assert await db.fetchval("SELECT count(*) FROM billing_audit_log WHERE action = 'retention'") == 1
 
 
 async def test_the_database_guards_hold_whatever_the_caller_asks(db: asyncpg.Connection, aged: None) -> None:
