@@ -159,9 +159,14 @@ def policy_problems(docs_with_names: Iterable[tuple[str, dict[str, Any]]]) -> li
             problems.append(f"{_ident(doc)}: no containers")
         if not (pod.get("securityContext") or {}).get("runAsNonRoot"):
             problems.append(f"{_ident(doc)}: pod securityContext.runAsNonRoot is not true")
+        volumes = {v.get("name") for v in pod.get("volumes") or []}
         for container in containers:
             long_running = doc["kind"] == "Deployment"
             problems += _container_problems(container, _ident(doc), docs, long_running=long_running)
+            if (container.get("securityContext") or {}).get("readOnlyRootFilesystem"):
+                mounts = {m.get("mountPath"): m.get("name") for m in container.get("volumeMounts") or []}
+                if mounts.get("/tmp") not in volumes:
+                    problems.append(f"{_ident(doc)}: read-only root file system, no writable /tmp volume")
             args = container.get("args") or []
             if long_running and args:
                 kinds_deployed.add(args[0])

@@ -96,8 +96,12 @@ def test_schema_check_rejects_a_mistyped_field(k8s_docs: list[tuple[str, dict[st
         (lambda c: c.pop("image"), "has no image"),
         (lambda c: c.pop("envFrom"), "DATABASE_URL is not provided"),
         (lambda c: c.update(args=["gatewy"]), "do not name a process kind"),
+        (lambda c: c.pop("volumeMounts"), "no writable /tmp volume"),
     ],
-    ids=["liveness", "readiness", "readiness-path", "memory-request", "requests", "image", "env", "args"],
+    ids=[
+        "liveness", "readiness", "readiness-path", "memory-request", "requests", "image", "env", "args",
+        "tmp",
+    ],
 )
 def test_policy_check_reports_a_removed_requirement(
     k8s_docs: list[tuple[str, dict[str, Any]]], mutate: Any, expected: str
