@@ -7,7 +7,6 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 
-import asyncpg
 from aiohttp import web
 
 from services.gateway import cron_freeze, cron_reconcile, export, health, metrics_api, sync, watchtower
@@ -15,7 +14,7 @@ from services.gateway.context import CONTEXT, REQUEST_ID, REQUEST_SITE, SETTINGS
 from services.gateway.responses import error_response
 from shared.billing_counters import BillingCounters
 from shared.buildinfo import resolve_build_info
-from shared.db import create_pool
+from shared.db import close_pool, create_pool
 from shared.logging import get_logger
 from shared.publisher import EventPublisher
 from shared.redis_client import create_redis
@@ -90,10 +89,7 @@ async def _clients(app: web.Application) -> AsyncIterator[None]:
     await counters.close()
     await publisher.close()
     await redis.aclose()
-    try:
-        await asyncio.wait_for(pool.close(), timeout=5)
-    except (TimeoutError, asyncpg.PostgresError, OSError):
-        pool.terminate()
+    await close_pool(pool)
 
 
 def build_app(settings: Settings) -> web.Application:

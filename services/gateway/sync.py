@@ -13,6 +13,7 @@ from aiohttp import web
 
 from services.gateway.context import CONTEXT, REQUEST_SITE, GatewayContext
 from services.gateway.responses import error_response, json_response
+from shared.db import close_pool, create_pool, keep_session_state
 from shared.events import EventShape, ShapeError, SyncBody, parse_sync_body
 from shared.idempotency import compute_key
 from shared.ingest import (
@@ -36,6 +37,7 @@ from shared.sites import Site
 log = get_logger("sync")
 
 CAPTURE_FAILED_RETRY_AFTER_S = 5
+CAPTURE_SLOTS = 6
 CORS_HEADERS = {
     "Access-Control-Allow-Methods": "POST, OPTIONS",
     "Access-Control-Allow-Headers": "Content-Type",
@@ -268,6 +270,10 @@ async def sync_method_not_allowed(request: web.Request) -> web.Response:
 async def _sync_gate(app: web.Application) -> AsyncIterator[None]:
     context = app[CONTEXT]
     settings = context.settings
+    # Capture groups hold one connection each; only transactions run on them, so no reset query.
+    capture_pool = await create_pool(
+        settings.database_url, min_size=0, max_size=CAPTURE_SLOTS, timeout=2.0, reset=keep_session_state
+    )
     app[SYNC_GATE] = gate = SyncGate(
         context=context,
         sites=SiteCache(
@@ -276,10 +282,13 @@ async def _sync_gate(app: web.Application) -> AsyncIterator[None]:
             default_monthly_limit=settings.default_monthly_limit,
         ),
         rate_limiter=RateLimiter(context.redis, GateScripts(context.redis)),
-        pipeline=IngestPipeline(context.pool, context.redis, context.publisher),
+        pipeline=IngestPipeline(capture_pool, context.redis, context.publisher),
     )
     yield
-    await asyncio.wait_for(gate.pipeline.drain(), timeout=30)
+    try:
+        await asyncio.wait_for(gate.pipeline.drain(), timeout=30)
+    finally:
+        await close_pool(capture_pool)
 
 
 def setup(app: web.Application) -> None:
