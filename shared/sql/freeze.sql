@@ -31,7 +31,7 @@ WITH counts AS (
     FROM unnest($1::uuid[]) AS t (site_id)
     CROSS JOIN LATERAL (
         SELECT count(*) AS event_count,
-               count(*) FILTER (WHERE i.billing_state = 'OVERAGE') AS overage_count
+               count(*) FILTER (WHERE i.billing_state = 'OVERAGE' OR i.billing_reason = 'overage') AS overage_count
         FROM ingest_idempotency i
         WHERE i.site_id = t.site_id AND i.year_month = $2 AND i.billable
     ) AS c

@@ -1,9 +1,10 @@
 -- Reconciliation (SPEC §8) and fallback recovery (SPEC §6). See docs/reconciler.md.
 
 -- name: reconcile_count_month
--- Invoice count of a (site, month): billable rows, and those of them taken as OVERAGE.
+-- Invoice count of a (site, month): billable rows, and those of them taken as overage (state OVERAGE,
+-- or billing_reason 'overage' for overage events captured degraded: DEGRADED_CAPTURE / RECOVERED).
 SELECT count(*) AS event_count,
-       count(*) FILTER (WHERE i.billing_state = 'OVERAGE') AS overage_count
+       count(*) FILTER (WHERE i.billing_state = 'OVERAGE' OR i.billing_reason = 'overage') AS overage_count
 FROM ingest_idempotency i
 WHERE i.site_id = $1 AND i.year_month = $2 AND i.billable;
 

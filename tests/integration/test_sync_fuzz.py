@@ -106,4 +106,8 @@ def test_bad_input_never_5xx_and_rows_only_for_accepted_events(
         finally:
             await conn.close()
 
-    assert asyncio.new_event_loop().run_until_complete(count()) == expected_rows
+    loop = asyncio.new_event_loop()  # closed: an unclosed loop leaks its self-pipe into the next test
+    try:
+        assert loop.run_until_complete(count()) == expected_rows
+    finally:
+        loop.close()

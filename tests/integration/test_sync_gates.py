@@ -411,3 +411,33 @@ async def test_v2_keys_are_stored_with_their_version(
     assert row["idempotency_version"] == 2 and row["idempotency_key"].startswith("v2:")
     candidates = {compute_key(site.id, sent, ms, 2).key for ms in range(before_ms, after_ms + 1)}
     assert row["idempotency_key"] in candidates
+
+
+async def test_overage_captured_degraded_still_counts_as_overage(
+    settings: Settings, db: asyncpg.Connection, make_site: MakeSite, amqp_url: str, redis_client: Any
+) -> None:
+    from shared.db import create_pool
+    from shared.reconciliation import reconcile_month
+
+    site = await make_site(monthly_limit=1, soft=True, multiplier="3")
+    proxy = await TcpProxy("127.0.0.1", 5672).start()
+    vhost = amqp_url.rsplit("/", 1)[1]
+    try:
+        proxied = settings.with_overrides(amqp_url=f"amqp://guest:guest@127.0.0.1:{proxy.port}/{vhost}")
+        async with gateway_client(proxied) as client:
+            await wait_for_amqp(client)
+            assert (await post(client, event()))[1]["status"] == "queued"
+            await proxy.cut()
+            status, body, headers = await post(client, event())
+    finally:
+        await proxy.close()
+    assert status == 200 and body["status"] == "degraded" and body["overage"] is True
+    assert headers["x-opsmantik-overage"] == "true"
+    degraded = (await rows(db))[1]
+    assert (degraded["billing_state"], degraded["billing_reason"]) == ("DEGRADED_CAPTURE", "overage")
+    pool = await create_pool(settings.database_url)
+    try:
+        result = await reconcile_month(pool, redis_client, site.id, datetime.now(UTC).strftime("%Y-%m"))
+    finally:
+        await pool.close()
+    assert (result.event_count, result.overage_count) == (2, 1)
