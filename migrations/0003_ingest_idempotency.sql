@@ -68,8 +68,7 @@ DECLARE
     hi timestamptz;
     part text;
     created integer := 0;
-    cols text := 'site_id, idempotency_key, idempotency_version, bucket_at, created_at, expires_at, '
-        || 'billing_state, billable, billing_reason, event_category, event_action, event_label';
+    cols text;
 BEGIN
     IF p_months < 1 OR p_months > 120 THEN
         RAISE EXCEPTION 'p_months must be between 1 and 120, got %', p_months;
@@ -81,10 +80,16 @@ BEGIN
         part := format('ingest_idempotency_p%s', to_char(lo AT TIME ZONE 'UTC', 'YYYY_MM'));
         CONTINUE WHEN to_regclass(part) IS NOT NULL;
         IF EXISTS (SELECT 1 FROM ingest_idempotency_default WHERE bucket_at >= lo AND bucket_at < hi) THEN
+            -- Every stored column, read from the catalog so a column added later moves with the row
+            -- (generated ones are recomputed; `id` is copied: the new table has no identity yet).
+            SELECT string_agg(quote_ident(attname), ', ' ORDER BY attnum) INTO cols
+            FROM pg_attribute
+            WHERE attrelid = 'ingest_idempotency'::regclass AND attnum > 0 AND NOT attisdropped
+              AND attgenerated = '';
             EXECUTE format('CREATE TABLE %I (LIKE ingest_idempotency INCLUDING DEFAULTS INCLUDING CONSTRAINTS INCLUDING GENERATED)', part);
             EXECUTE format(
-                'WITH moved AS (DELETE FROM ingest_idempotency_default WHERE bucket_at >= $1 AND bucket_at < $2 RETURNING id, %s) '
-                || 'INSERT INTO %I (id, %s) SELECT id, %s FROM moved', cols, part, cols, cols)
+                'WITH moved AS (DELETE FROM ingest_idempotency_default WHERE bucket_at >= $1 AND bucket_at < $2 RETURNING %s) '
+                || 'INSERT INTO %I (%s) SELECT %s FROM moved', cols, part, cols, cols)
                 USING lo, hi;
             EXECUTE format('ALTER TABLE ingest_idempotency ATTACH PARTITION %I FOR VALUES FROM (%L) TO (%L)', part, lo, hi);
         ELSE

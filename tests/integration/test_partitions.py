@@ -71,12 +71,21 @@ async def test_a_month_without_partition_uses_default_until_maintenance_moves_it
     db: asyncpg.Connection, site_id: uuid.UUID
 ) -> None:
     assert "ingest_idempotency_p2030_01" not in await partitions(db)
+    # A column added by a later migration moves with the row too.
+    await db.execute("ALTER TABLE ingest_idempotency ADD COLUMN later_column text")
     inserted = await db.fetchval(
         INSERT_KEY, site_id, "k-2030", ts("2030-01-15T10:00:00+00:00"), ts("2030-01-15T10:00:01+00:00")
     )
     assert inserted is not None
+    await db.execute(
+        "UPDATE ingest_idempotency SET later_column = 'kept', billing_state = 'OVERAGE',"
+        " billing_reason = 'r', event_category = 'c', event_action = 'a', event_label = 'l',"
+        " idempotency_version = 2"
+    )
     [row] = await rows_of(db, site_id, "k-2030")
     assert (row["part"], row["year_month"]) == ("ingest_idempotency_default", "2030-01")
+    whole_row = "SELECT to_jsonb(i) FROM ingest_idempotency i WHERE idempotency_key = 'k-2030'"
+    before = await db.fetchval(whole_row)
     # The default partition still deduplicates.
     assert (
         await db.fetchval(
@@ -94,6 +103,8 @@ async def test_a_month_without_partition_uses_default_until_maintenance_moves_it
         "2030-01",
         row["created_at"],
     )
+    assert await db.fetchval(whole_row) == before
+    assert before["later_column"] == "kept"
 
     # The new partition has the key constraint, indexes and RLS of the parent, and more rows route to it.
     assert (
