@@ -27,7 +27,7 @@ from shared.dispute_export import CSV_HEADER, write_export
 from shared.months import add_months, current_year_month, month_start
 from shared.settings import Settings
 from shared.sites import add_member, create_site
-from tests.conftest import JWT_SECRET, settings_env
+from tests.conftest import JWT_SECRET, free_port, settings_env
 
 PATH = "/api/billing/dispute-export"
 # Far enough in the past that the test never straddles the month it exports.
@@ -447,3 +447,16 @@ async def test_cli_exports_are_audited(settings: Settings, world: World, db: asy
     assert audit["actor"].startswith("cli:")
     assert audit["details"]["export_hash"] == hashlib.sha256(stdout).hexdigest()
     assert audit["details"]["role"] == "revkernel_service" and audit["details"]["via"] == "cli"
+
+
+async def test_postgres_unreachable_is_503_after_the_auth_and_input_checks(
+    settings: Settings, open_gateway: OpenGateway, http: aiohttp.ClientSession
+) -> None:
+    dead = settings.with_overrides(database_url=f"postgresql://postgres@127.0.0.1:{free_port()}/nowhere")
+    base = await open_gateway(dead)
+    site = uuid.uuid4()
+    status, headers, _ = await export(http, base, site=site, bearer=token("owner-1"))
+    assert (status, headers["x-opsmantik-error-code"]) == (503, "database_unavailable")
+    # Credentials and input are still judged first, without the database.
+    assert (await export(http, base, site=site))[0] == 401
+    assert (await export(http, base, site="nope", bearer=token("owner-1")))[0] == 400
