@@ -34,11 +34,15 @@ from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType
 
+import aio_pika
+import asyncpg
+
 from bench import report
 from bench.procs import Launcher, StartError, free_port
 from bench.procstat import cpu_percent_by_group, make_classifier, snapshot
 from bench.stores import (
     Drained,
+    connect_patiently,
     create_vhost,
     delete_vhost,
     drain_queue,
@@ -48,7 +52,6 @@ from bench.stores import (
     wait_stable,
 )
 from bench.wrkload import LoadSpec, WrkOutputError, WrkResult, parse_wrk_output, send_window_s
-from shared.db import connect
 from shared.migrate import create_database_if_missing
 from shared.sites import create_site
 
@@ -244,7 +247,8 @@ class Live:
 
 
 # What makes one target fail without stopping the others.
-FAILURES = (StartError, WrkOutputError, TimeoutError, subprocess.CalledProcessError, urllib.error.URLError)
+FAILURES = (StartError, WrkOutputError, TimeoutError, subprocess.SubprocessError, OSError,
+            asyncpg.PostgresError, aio_pika.exceptions.AMQPError)
 
 
 class Bench:
@@ -322,7 +326,7 @@ class Bench:
                       fallback=True)
 
     async def _create_sites(self) -> None:
-        conn = await connect(self.product_dsn)
+        conn = await connect_patiently(self.product_dsn)
         try:
             for i in range(1, N_SITES + 1):
                 await create_site(conn, public_id=f"site-pub-{i}", name=f"bench site {i}",

@@ -76,6 +76,8 @@ class Launcher:
 
     def __post_init__(self) -> None:
         self.log_dir.mkdir(parents=True, exist_ok=True)
+        for old in self.log_dir.glob("*.log"):  # the previous session's
+            old.unlink()
         self.pid_file.parent.mkdir(parents=True, exist_ok=True)
         self.pid_file.write_text("")
 

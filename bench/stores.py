@@ -11,6 +11,7 @@ from functools import cache
 from pathlib import Path
 
 import aio_pika
+import asyncpg
 import orjson
 from aio_pika.abc import AbstractIncomingMessage
 
@@ -26,8 +27,21 @@ def sql(name: str) -> str:
     return parse_queries(SQL_FILE.read_text(encoding="utf-8"))[name]
 
 
+async def connect_patiently(dsn: str, deadline_s: float = 60.0) -> asyncpg.Connection:
+    """A connection, waiting while the shared cluster is out of connection slots (other engineers'
+    test runs come and go) rather than failing the whole bench."""
+    give_up = time.monotonic() + deadline_s
+    while True:
+        try:
+            return await connect(dsn)
+        except (asyncpg.TooManyConnectionsError, asyncpg.CannotConnectNowError):
+            if time.monotonic() > give_up:
+                raise
+            await asyncio.sleep(0.5)
+
+
 async def fetch_count(dsn: str, query_name: str) -> int:
-    conn = await connect(dsn)
+    conn = await connect_patiently(dsn)
     try:
         value = await conn.fetchval(sql(query_name))
     finally:
@@ -36,7 +50,7 @@ async def fetch_count(dsn: str, query_name: str) -> int:
 
 
 async def execute(dsn: str, query_name: str) -> None:
-    conn = await connect(dsn)
+    conn = await connect_patiently(dsn)
     try:
         await conn.execute(sql(query_name))
     finally:
