@@ -12,6 +12,7 @@ from typing import Any
 import aiohttp
 import asyncpg
 import orjson
+import pytest
 
 from shared.settings import Settings
 from shared.sites import create_site
@@ -62,7 +63,11 @@ class Load:
 
 
 async def test_sigterm_under_load_loses_no_accepted_event(
-    settings: Settings, db: asyncpg.Connection, amqp_url: str, tmp_path: Path
+    settings: Settings,
+    db: asyncpg.Connection,
+    amqp_url: str,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     await create_site(db, public_id="load", allowed_origins=["*"], monthly_limit=1_000_000,
                       rate_limit_per_minute=1_000_000)
@@ -86,11 +91,12 @@ async def test_sigterm_under_load_loses_no_accepted_event(
 
     ok = {tag: body for tag, (status, body) in load.answered.items() if status == 200}
     others = sorted({status for status, _ in load.answered.values() if status != 200})
-    print(
-        f"\nSIGTERM with {in_flight_at_sigterm} requests in flight; {answered_before} answered before it, "
-        f"{len(load.answered) - answered_before} after; {len(ok)} got 200, other statuses {others}, "
-        f"{load.failed} refused/reset"
-    )
+    with capsys.disabled():
+        print(
+            f"\nSIGTERM with {in_flight_at_sigterm} requests in flight; {answered_before} answered before, "
+            f"{len(load.answered) - answered_before} after; {len(ok)} got 200, other statuses {others}, "
+            f"{load.failed} refused/reset"
+        )
     assert exit_code == 0, gateway.log_tail()
     assert in_flight_at_sigterm > 0
     assert all(body["status"] == "queued" for body in ok.values())

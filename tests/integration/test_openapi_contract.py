@@ -19,6 +19,7 @@ from pathlib import Path
 
 import aiohttp
 import asyncpg
+import pytest
 import yaml
 
 from services.gateway.app import build_app
@@ -136,7 +137,7 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
 
 
 async def test_schemathesis_finds_no_contract_violation(
-    settings: Settings, db: asyncpg.Connection, tmp_path: Path
+    settings: Settings, db: asyncpg.Connection, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     # The documented examples name these: `site-a` for /api/sync, EXAMPLE_SITE_ID for the export.
     await create_site(db, public_id="site-a", allowed_origins=["*"], monthly_limit=100_000,
@@ -184,7 +185,8 @@ async def test_schemathesis_finds_no_contract_violation(
         report = out.decode(errors="replace")
         elapsed = time.monotonic() - started
         summary = [line for line in report.splitlines() if re.search(r"passed|failed|error", line, re.I)][-5:]
-        print(f"\nschemathesis: exit {st_proc.returncode} in {elapsed:.1f}s; " + " | ".join(summary))
+        with capsys.disabled():
+            print(f"\nschemathesis: exit {st_proc.returncode} in {elapsed:.1f}s; " + " | ".join(summary))
         assert st_proc.returncode == 0, report[-12000:] + "\n--- gateway log ---\n" + gateway.log_tail()
         statuses = statuses_by_operation(tmp_path / "gateway.log")
         documented = documented_operations()
