@@ -23,6 +23,9 @@ from shared.logging import get_logger
 log = get_logger("publisher")
 
 
+DEFAULT_CHANNELS = 4
+
+
 class PublishFailed(Exception):
     """The broker did not confirm the message (unreachable, nacked, returned or timed out)."""
 
@@ -38,13 +41,24 @@ class OutgoingMessage:
 class EventPublisher:
     """Confirmed, persistent publishes to the `ingest` exchange; many may be in flight at once."""
 
-    def __init__(self, amqp_url: str, *, timeout_ms: int, exchange_name: str = INGEST_EXCHANGE) -> None:
+    def __init__(
+        self,
+        amqp_url: str,
+        *,
+        timeout_ms: int,
+        exchange_name: str = INGEST_EXCHANGE,
+        channels: int = DEFAULT_CHANNELS,
+    ) -> None:
         self._url = amqp_url
         self._timeout_s = timeout_ms / 1000
         self._exchange_name = exchange_name
+        self._channel_count = max(1, channels)
         self._connection: AbstractRobustConnection | None = None
-        self._channel: AbstractChannel | None = None
-        self._exchange: AbstractExchange | None = None
+        # Several confirm channels: the broker runs each channel in its own process, so spreading
+        # publishes over a few of them lowers confirm latency under load (measured in docs/performance.md).
+        self._channels: list[AbstractChannel] = []
+        self._exchanges: list[AbstractExchange] = []
+        self._next = 0
         self._task: asyncio.Task[None] | None = None
         self._closing = False
         self.connected = asyncio.Event()
@@ -59,10 +73,12 @@ class EventPublisher:
         while not self._closing:
             try:
                 connection = await connect_robust(self._url, timeout=3)
-                channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
-                await declare_topology(channel)
-                self._exchange = await channel.get_exchange(self._exchange_name)
-                self._connection, self._channel = connection, channel
+                channels = []
+                for _ in range(self._channel_count):
+                    channels.append(await connection.channel(publisher_confirms=True, on_return_raises=True))
+                await declare_topology(channels[0])
+                self._exchanges = [await c.get_exchange(self._exchange_name) for c in channels]
+                self._connection, self._channels = connection, channels
                 self.connected.set()
                 log.info("amqp_connected")
                 return
@@ -78,13 +94,21 @@ class EventPublisher:
 
     @property
     def is_ready(self) -> bool:
-        channel = self._channel
-        return self._exchange is not None and channel is not None and not channel.is_closed
+        return any(not channel.is_closed for channel in self._channels)
+
+    def _pick_exchange(self) -> AbstractExchange | None:
+        """The next open channel's exchange, round robin."""
+        for _ in range(len(self._channels)):
+            index = self._next % len(self._channels)
+            self._next += 1
+            if not self._channels[index].is_closed:
+                return self._exchanges[index]
+        return None
 
     async def publish(self, message: OutgoingMessage) -> None:
         """Publish and wait for the broker's confirm, at most `PUBLISH_TIMEOUT_MS`."""
-        exchange = self._exchange
-        if exchange is None or not self.is_ready:
+        exchange = self._pick_exchange()
+        if exchange is None:
             prom.count_publish_failure("broker_unavailable")
             raise PublishFailed("broker_unavailable")
         started = time.perf_counter()

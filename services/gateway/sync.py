@@ -37,7 +37,7 @@ from shared.sites import Site
 log = get_logger("sync")
 
 CAPTURE_FAILED_RETRY_AFTER_S = 5
-CAPTURE_SLOTS = 6
+CAPTURE_SLOTS = 12
 CORS_HEADERS = {
     "Access-Control-Allow-Methods": "POST, OPTIONS",
     "Access-Control-Allow-Headers": "Content-Type",
@@ -282,7 +282,9 @@ async def _sync_gate(app: web.Application) -> AsyncIterator[None]:
             default_monthly_limit=settings.default_monthly_limit,
         ),
         rate_limiter=RateLimiter(context.redis, GateScripts(context.redis)),
-        pipeline=IngestPipeline(capture_pool, context.redis, context.publisher),
+        pipeline=IngestPipeline(
+            capture_pool, context.redis, context.publisher, max_concurrent_groups=CAPTURE_SLOTS
+        ),
     )
     yield
     try:
