@@ -73,7 +73,7 @@ class EventPublisher:
         while not self._closing:
             try:
                 connection = await connect_robust(self._url, timeout=3)
-                channels = []
+                channels: list[AbstractChannel] = []
                 for _ in range(self._channel_count):
                     channels.append(await connection.channel(publisher_confirms=True, on_return_raises=True))
                 await declare_topology(channels[0])
