@@ -44,3 +44,15 @@ async def test_a_failed_batch_fails_its_items_only() -> None:
     with pytest.raises(ValueError):
         await batcher.submit(3)
     assert await asyncio.wait_for(batcher.submit(4), timeout=5) == 4
+
+
+def test_ingest_ids_are_version_4_uuids() -> None:
+    import uuid
+
+    from shared.ingest import new_ingest_id
+
+    ids = {new_ingest_id() for _ in range(2000)}
+    assert len(ids) == 2000
+    for value in list(ids)[:200]:
+        parsed = uuid.UUID(value)
+        assert str(parsed) == value and parsed.version == 4 and parsed.variant == uuid.RFC_4122
