@@ -107,50 +107,63 @@ class EventPublisher:
 
     async def publish(self, message: OutgoingMessage) -> None:
         """Publish and wait for the broker's confirm, at most `PUBLISH_TIMEOUT_MS`."""
+        [failure] = await self.publish_many([message])
+        if failure is not None:
+            raise failure
+
+    async def publish_many(self, messages: Sequence[OutgoingMessage]) -> list[PublishFailed | None]:
+        """Publish with all confirms in flight at once, within one `PUBLISH_TIMEOUT_MS`; one result per
+        message (None = confirmed). One task per message (no wait_for wrapper task each)."""
+        tasks = [asyncio.ensure_future(self._send(m)) for m in messages]
+        try:
+            _done, pending = await asyncio.wait(tasks, timeout=self._timeout_s)
+        except asyncio.CancelledError:
+            for task in tasks:
+                task.cancel()
+            raise
+        for task in pending:
+            task.cancel()
+        if pending:
+            await asyncio.gather(*pending, return_exceptions=True)
+        out: list[PublishFailed | None] = []
+        for task in tasks:
+            if task in pending:
+                prom.count_publish_failure("confirm_timeout")
+                out.append(PublishFailed("confirm_timeout"))
+                continue
+            error = task.exception()
+            if error is None:
+                out.append(None)
+            elif isinstance(error, PublishFailed):
+                out.append(error)
+            else:
+                out.append(PublishFailed(repr(error)))
+        return out
+
+    async def _send(self, message: OutgoingMessage) -> None:
         exchange = self._pick_exchange()
         if exchange is None:
             prom.count_publish_failure("broker_unavailable")
             raise PublishFailed("broker_unavailable")
         started = time.perf_counter()
         try:
-            await asyncio.wait_for(
-                exchange.publish(
-                    aio_pika.Message(
-                        message.body,
-                        content_type="application/json",
-                        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-                        message_id=message.message_id,
-                        headers=dict(message.headers),
-                    ),
-                    routing_key=message.routing_key,
-                    mandatory=True,
+            await exchange.publish(
+                aio_pika.Message(
+                    message.body,
+                    content_type="application/json",
+                    delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                    message_id=message.message_id,
+                    headers=dict(message.headers),
                 ),
-                timeout=self._timeout_s,
+                routing_key=message.routing_key,
+                mandatory=True,
             )
-        except TimeoutError as exc:
-            prom.count_publish_failure("confirm_timeout")
-            raise PublishFailed("confirm_timeout") from exc
         except (aio_pika.exceptions.AMQPError, OSError, RuntimeError) as exc:
             prom.count_publish_failure(type(exc).__name__)
             raise PublishFailed(type(exc).__name__) from exc
         elapsed_s = time.perf_counter() - started
         self.last_confirm_ms = elapsed_s * 1000
         prom.observe_publish_confirm(elapsed_s)
-
-    async def publish_many(self, messages: Sequence[OutgoingMessage]) -> list[PublishFailed | None]:
-        """Publish with all confirms in flight at once; one result per message (None = confirmed)."""
-        results = await asyncio.gather(*(self.publish(m) for m in messages), return_exceptions=True)
-        out: list[PublishFailed | None] = []
-        for result in results:
-            if result is None:
-                out.append(None)
-            elif isinstance(result, PublishFailed):
-                out.append(result)
-            elif isinstance(result, BaseException) and not isinstance(result, Exception):
-                raise result
-            else:
-                out.append(PublishFailed(repr(result)))
-        return out
 
     async def close(self) -> None:
         self._closing = True
