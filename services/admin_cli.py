@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from collections.abc import Awaitable, Callable
 from decimal import Decimal, InvalidOperation
 from typing import Any, TypeVar
 
 import asyncpg
-import orjson
 
 from services.cli import CliError, run_async
+from services.cli_types import non_negative_int, positive_int, print_json
 from shared.auth import AuthMisconfigured, issue_token
 from shared.db import connect, redact_dsn
 from shared.migrate import MigrationError, migrate
@@ -31,32 +30,11 @@ def _multiplier(raw: str) -> Decimal:
     return value
 
 
-def _non_negative(raw: str) -> int:
-    try:
-        value = int(raw)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {raw!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError("must be >= 0")
-    return value
-
-
-def _positive(raw: str) -> int:
-    value = _non_negative(raw)
-    if value == 0:
-        raise argparse.ArgumentTypeError("must be > 0")
-    return value
-
-
 def _non_empty(raw: str) -> str:
     value = raw.strip()
     if not value:
         raise argparse.ArgumentTypeError("must not be empty")
     return value
-
-
-def _print_json(obj: Any) -> None:
-    sys.stdout.write(orjson.dumps(obj, option=orjson.OPT_INDENT_2).decode() + "\n")
 
 
 def _one_line(exc: BaseException) -> str:
@@ -117,7 +95,7 @@ def cmd_site_create(args: argparse.Namespace, settings: Settings) -> int:
         except asyncpg.CheckViolationError as exc:
             raise CliError(f"invalid site: {_one_line(exc)}") from None
 
-    _print_json(_with_db(settings, work).as_dict())
+    print_json(_with_db(settings, work).as_dict())
     return 0
 
 
@@ -134,7 +112,7 @@ def cmd_plan_set(args: argparse.Namespace, settings: Settings) -> int:
         )
         return await resolve_site(conn, str(site.id), settings.default_monthly_limit)
 
-    _print_json(_with_db(settings, work).as_dict())
+    print_json(_with_db(settings, work).as_dict())
     return 0
 
 
@@ -145,7 +123,7 @@ def cmd_member_add(args: argparse.Namespace, settings: Settings) -> int:
         return site
 
     site = _with_db(settings, work)
-    _print_json(
+    print_json(
         {"site_id": str(site.id), "public_id": site.public_id, "user_id": args.user, "role": args.role}
     )
     return 0
@@ -169,8 +147,8 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
     p.add_argument("--public-id", required=True, type=_non_empty)
     p.add_argument("--name")
     p.add_argument("--origin", action="append", help="allowed Origin (repeatable; '*' allows any)")
-    p.add_argument("--rate-limit-per-minute", type=_positive)
-    p.add_argument("--monthly-limit", type=_non_negative)
+    p.add_argument("--rate-limit-per-minute", type=positive_int)
+    p.add_argument("--monthly-limit", type=non_negative_int)
     p.add_argument("--soft-limit", action="store_true", default=None)
     p.add_argument("--hard-cap-multiplier", type=_multiplier)
     p.add_argument("--tier", help="plan tier name")
@@ -180,7 +158,7 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
     plan.required = True
     p = plan.add_parser("set", help="create or change a site's plan")
     p.add_argument("--site", required=True, type=_non_empty, help="site UUID or public id")
-    p.add_argument("--monthly-limit", type=_non_negative, required=True)
+    p.add_argument("--monthly-limit", type=non_negative_int, required=True)
     soft = p.add_mutually_exclusive_group()
     soft.add_argument("--soft-limit", dest="soft_limit", action="store_true", default=None)
     soft.add_argument("--no-soft-limit", dest="soft_limit", action="store_false")
@@ -200,5 +178,5 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
 
     p = sub.add_parser("token", help="print a signed JWT for a user (needs AUTH_JWT_SECRET)")
     p.add_argument("--user", required=True, type=_non_empty)
-    p.add_argument("--ttl", type=_positive, default=3600, help="lifetime in seconds")
+    p.add_argument("--ttl", type=positive_int, default=3600, help="lifetime in seconds")
     p.set_defaults(handler=cmd_token)

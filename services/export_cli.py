@@ -23,18 +23,12 @@ from typing import Any, BinaryIO
 import asyncpg
 
 from services.cli import CliError, run_async
+from services.cli_types import year_month
 from shared.db import SERVICE_ROLE, connect, tenant_transaction
 from shared.dispute_export import ExportAccess, ExportResult, read_export_access, record_export, write_export
-from shared.months import is_year_month
 from shared.queries import query
 from shared.settings import Settings
 from shared.sites import SiteNotFound, resolve_site
-
-
-def _month(raw: str) -> str:
-    if not is_year_month(raw):
-        raise argparse.ArgumentTypeError(f"not a YYYY-MM month: {raw!r}")
-    return raw
 
 
 @contextlib.asynccontextmanager
@@ -121,7 +115,7 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
         help="write a site's dispute export CSV for a month (to FILE or stdout) and print its SHA-256",
     )
     p.add_argument("--site", required=True, help="site UUID or public id")
-    p.add_argument("--month", type=_month, required=True, help="YYYY-MM")
+    p.add_argument("--month", type=year_month, required=True, help="YYYY-MM")
     p.add_argument("-o", "--output", help="file to write (default: stdout; the hash then goes to stderr)")
     p.add_argument("--user", help="export as this user would over HTTP (tenant role, RLS, same access check)")
     p.set_defaults(handler=cmd_export)

@@ -10,47 +10,16 @@ import uuid
 from typing import Any
 
 import asyncpg
-import orjson
 
 from services.cli import CliError, run_async
+from services.cli_types import positive_float, positive_int, print_json, year_month
 from services.freezer.main import Freezer, FreezerConfig
 from shared.buildinfo import resolve_build_info
 from shared.db import create_pool
 from shared.freeze import FreezeRefused, freeze_month
-from shared.months import is_year_month
 from shared.retention import RetentionSettings, run_retention
 from shared.settings import Settings
 from shared.worker import run_worker
-
-
-def _month(raw: str) -> str:
-    if not is_year_month(raw):
-        raise argparse.ArgumentTypeError(f"not a YYYY-MM month: {raw!r}")
-    return raw
-
-
-def _positive_float(raw: str) -> float:
-    try:
-        value = float(raw)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {raw!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError("must be > 0")
-    return value
-
-
-def _positive_int(raw: str) -> int:
-    try:
-        value = int(raw)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {raw!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError("must be >= 1")
-    return value
-
-
-def _print_json(obj: Any) -> None:
-    sys.stdout.write(orjson.dumps(obj, option=orjson.OPT_INDENT_2).decode() + "\n")
 
 
 def cmd_freezer(args: argparse.Namespace, settings: Settings) -> int:
@@ -95,7 +64,7 @@ def cmd_freeze(args: argparse.Namespace, settings: Settings) -> int:
             await pool.close()
         return {**result.reply(), "request_id": request_id}
 
-    _print_json(run_async(go()))
+    print_json(run_async(go()))
     return 0
 
 
@@ -115,7 +84,7 @@ def cmd_retention(args: argparse.Namespace, settings: Settings) -> int:
             await pool.close()
         return {"ok": True, **report.as_dict()}
 
-    _print_json(run_async(go()))
+    print_json(run_async(go()))
     return 0
 
 
@@ -125,30 +94,30 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
     p.add_argument("--burst", action="store_true", help="process queued commands, run schedules once, exit")
     p.add_argument(
         "--freeze-check-interval",
-        type=_positive_float,
+        type=positive_float,
         default=defaults.freeze_check_interval_s,
         help="seconds between checks that the previous month is frozen",
     )
     p.add_argument(
         "--retention-interval",
-        type=_positive_float,
+        type=positive_float,
         default=defaults.retention_interval_s,
         help="seconds between retention runs",
     )
     p.add_argument(
         "--freeze-chunk-sites",
-        type=_positive_int,
+        type=positive_int,
         default=defaults.freeze_chunk_sites,
         help="sites reconciled and snapshotted per transaction",
     )
     p.set_defaults(handler=cmd_freezer)
 
     p = sub.add_parser("freeze", help="freeze a past month into invoice snapshots now and print JSON")
-    p.add_argument("--month", type=_month, help="YYYY-MM, a past month (default: the previous UTC month)")
+    p.add_argument("--month", type=year_month, help="YYYY-MM, a past month (default: the previous UTC month)")
     p.set_defaults(handler=cmd_freeze)
 
     p = sub.add_parser(
         "retention", help="partition maintenance and retention once, now; print what was removed"
     )
-    p.add_argument("--batch-rows", type=_positive_int, default=RetentionSettings().batch_rows)
+    p.add_argument("--batch-rows", type=positive_int, default=RetentionSettings().batch_rows)
     p.set_defaults(handler=cmd_retention)

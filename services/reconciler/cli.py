@@ -11,45 +11,14 @@ import sys
 from typing import TYPE_CHECKING, Any
 
 from services.cli import CliError, run_async
-from shared.months import current_year_month, is_year_month
+from services.cli_types import positive_float, positive_int, print_json, year_month
+from shared.months import current_year_month
 from shared.settings import Settings
 
 if TYPE_CHECKING:
     import asyncpg
 
     from services.reconciler.main import ReconcilerConfig
-
-
-def _month(raw: str) -> str:
-    if not is_year_month(raw):
-        raise argparse.ArgumentTypeError(f"not a YYYY-MM month: {raw!r}")
-    return raw
-
-
-def _positive_float(raw: str) -> float:
-    try:
-        value = float(raw)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {raw!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError("must be > 0")
-    return value
-
-
-def _positive_int(raw: str) -> int:
-    try:
-        value = int(raw)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {raw!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError("must be >= 1")
-    return value
-
-
-def _print_json(obj: Any) -> None:
-    import orjson
-
-    sys.stdout.write(orjson.dumps(obj, option=orjson.OPT_INDENT_2).decode() + "\n")
 
 
 def config_from_args(args: argparse.Namespace) -> ReconcilerConfig:
@@ -130,7 +99,7 @@ def cmd_reconcile(args: argparse.Namespace, settings: Settings) -> int:
         results = [(await reconcile_month(pool, redis, site_id, month)).as_dict() for site_id in site_ids]
         return {"ok": True, "year_month": month, "sites": len(results), "results": results}
 
-    _print_json(run_async(_with_clients(settings, work)))
+    print_json(run_async(_with_clients(settings, work)))
     return 0
 
 
@@ -147,28 +116,28 @@ def cmd_backfill(args: argparse.Namespace, settings: Settings) -> int:
             raise CliError(f"{exc.code}: {exc.reason}") from None
         return {"ok": True, "enqueued": result.enqueued, "months": result.months, "sites": result.sites}
 
-    _print_json(run_async(_with_clients(settings, work)))
+    print_json(run_async(_with_clients(settings, work)))
     return 0
 
 
 def register(sub: argparse._SubParsersAction[Any]) -> None:
     p = sub.add_parser("reconciler", help="run the reconciler worker")
     p.add_argument("--burst", action="store_true", help="process queued commands, run schedules once, exit")
-    p.add_argument("--lease-seconds", type=_positive_float, help="job lease (default 300)")
-    p.add_argument("--retry-base-seconds", type=_positive_float, help="first job retry delay (default 30)")
-    p.add_argument("--recovery-lease-seconds", type=_positive_float, help="buffer claim lease (default 60)")
-    p.add_argument("--recovery-batch", type=_positive_int, help="buffer rows per claim (default 100)")
-    p.add_argument("--reconcile-interval", type=_positive_float, help="seconds (default 300)")
-    p.add_argument("--recovery-interval", type=_positive_float, help="seconds (default 2)")
+    p.add_argument("--lease-seconds", type=positive_float, help="job lease (default 300)")
+    p.add_argument("--retry-base-seconds", type=positive_float, help="first job retry delay (default 30)")
+    p.add_argument("--recovery-lease-seconds", type=positive_float, help="buffer claim lease (default 60)")
+    p.add_argument("--recovery-batch", type=positive_int, help="buffer rows per claim (default 100)")
+    p.add_argument("--reconcile-interval", type=positive_float, help="seconds (default 300)")
+    p.add_argument("--recovery-interval", type=positive_float, help="seconds (default 2)")
     p.set_defaults(handler=cmd_reconciler)
 
     p = sub.add_parser("reconcile", help="reconcile a month now (all active sites, or one) and print JSON")
     p.add_argument("--site", help="site UUID or public id (default: every site with rows in the month)")
-    p.add_argument("--month", type=_month, help="YYYY-MM (default: the current UTC month)")
+    p.add_argument("--month", type=year_month, help="YYYY-MM (default: the current UTC month)")
     p.set_defaults(handler=cmd_reconcile)
 
     p = sub.add_parser("backfill", help="queue reconciliation jobs for past months (only missing ones)")
-    p.add_argument("--from", dest="from_month", type=_month, required=True)
-    p.add_argument("--to", dest="to_month", type=_month, required=True)
+    p.add_argument("--from", dest="from_month", type=year_month, required=True)
+    p.add_argument("--to", dest="to_month", type=year_month, required=True)
     p.add_argument("--site", help="site UUID or public id (default: sites with rows in the range)")
     p.set_defaults(handler=cmd_backfill)
