@@ -19,7 +19,7 @@ R = TypeVar("R")
 class MicroBatcher(Generic[T, R]):
     def __init__(
         self,
-        run_batch: Callable[[list[T]], Awaitable[Sequence[R]]],
+        run_batch: Callable[[list[T]], Awaitable[Sequence[R | Exception]]],
         *,
         max_items: int,
         max_concurrency: int,
@@ -78,7 +78,11 @@ class MicroBatcher(Generic[T, R]):
             self.batches_run += 1
             self.items_run += len(batch)
             for (_, future), result in zip(batch, results, strict=True):
-                if not future.done():
+                if future.done():
+                    continue
+                if isinstance(result, Exception):  # that item alone failed
+                    future.set_exception(result)
+                else:
                     future.set_result(result)
 
     @property

@@ -103,15 +103,32 @@ def parse_sync_body(raw: bytes) -> SyncBody:
         raise ShapeError("invalid_json", f"body is not valid JSON: {exc}") from None
     if not isinstance(data, dict):
         raise ShapeError("invalid_json", "body must be a JSON object")
+    # Postgres text and jsonb cannot hold U+0000, and JSON can only carry it escaped: look for it only
+    # when the escape is in the body at all.
+    check_nul = b"\\u0000" in raw
     if "events" in data:
-        return _parse_batch(data["events"])
-    problem = event_problem(data)
+        return _parse_batch(data["events"], check_nul)
+    problem = event_problem(data) or (NUL_PROBLEM if check_nul and contains_nul(data) else None)
     if problem:
         raise ShapeError("invalid_payload", problem)
     return SyncBody(site_public_id=data["s"], events=[EventShape(data)], is_batch=False)
 
 
-def _parse_batch(events: Any) -> SyncBody:
+NUL_PROBLEM = "strings must not contain the NUL character (\\u0000)"
+
+
+def contains_nul(value: Any) -> bool:
+    """True when any string (or object key) inside `value` contains U+0000."""
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, dict):
+        return any(contains_nul(k) or contains_nul(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(contains_nul(v) for v in value)
+    return False
+
+
+def _parse_batch(events: Any, check_nul: bool = False) -> SyncBody:
     if not isinstance(events, list) or not 1 <= len(events) <= MAX_BATCH:
         raise ShapeError("invalid_batch", f"`events` must be an array of 1-{MAX_BATCH} events")
     if not all(isinstance(e, dict) for e in events):
@@ -120,10 +137,10 @@ def _parse_batch(events: Any) -> SyncBody:
     site = events[0].get("s")
     if any(e.get("s") != site for e in events):
         raise ShapeError("invalid_batch", "every event of a batch must name the same site in `s`")
-    if not isinstance(site, str) or not site or len(site) > MAX_SITE_ID:
+    if not isinstance(site, str) or not site or len(site) > MAX_SITE_ID or "\x00" in site:
         raise ShapeError("invalid_batch", "the batch's `s` must be a non-empty string of at most 128 chars")
     shapes = []
     for event in events:
-        problem = event_problem(event)
+        problem = event_problem(event) or (NUL_PROBLEM if check_nul and contains_nul(event) else None)
         shapes.append(EventShape(event, "invalid_payload", problem) if problem else EventShape(event))
     return SyncBody(site_public_id=site, events=shapes, is_batch=True)

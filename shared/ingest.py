@@ -123,6 +123,19 @@ class _NeedsSeed(Exception):
         self.pairs = pairs
 
 
+class _DataRejected(Exception):
+    """Postgres refused a value of the group (a data error, not an outage)."""
+
+
+def _subtract(counts: dict[str, int], taken: dict[str, int]) -> None:
+    for key, amount in taken.items():
+        left = counts.get(key, 0) - amount
+        if left > 0:
+            counts[key] = left
+        else:
+            counts.pop(key, None)
+
+
 class _RedisUnavailable(Exception):
     """Redis failed mid-group: run the group again with Postgres deciding quota."""
 
@@ -163,6 +176,8 @@ class _Row:
     site: Site
     new: bool = False
     quota: QuotaOutcome | None = None
+    # Later events of the group with the same key: (request_index, event_index), answered duplicate.
+    repeats: list[tuple[int, int]] = field(default_factory=list)
 
 
 class IngestPipeline:
@@ -200,7 +215,22 @@ class IngestPipeline:
 
     # -- one group ---------------------------------------------------------------------------------
 
-    async def _capture_group(self, requests: list[CaptureRequest]) -> list[CaptureResult]:
+    async def _capture_group(self, requests: list[CaptureRequest]) -> list[CaptureResult | Exception]:
+        try:
+            return list(await self._capture_requests(requests))
+        except _DataRejected as exc:
+            if len(requests) == 1:
+                raise GateClosed(f"postgres refused the request's data: {exc.__cause__!r}") from exc
+        # One request's data was refused: run each alone, so it cannot fail the others.
+        outcomes: list[CaptureResult | Exception] = []
+        for request in requests:
+            try:
+                outcomes.extend(await self._capture_requests([request]))
+            except (_DataRejected, GateClosed) as exc:
+                outcomes.append(exc if isinstance(exc, GateClosed) else GateClosed(repr(exc.__cause__)))
+        return outcomes
+
+    async def _capture_requests(self, requests: list[CaptureRequest]) -> list[CaptureResult]:
         for _ in range(MAX_ATTEMPTS):
             use_redis = time.monotonic() >= self._redis_down_until
             try:
@@ -224,8 +254,11 @@ class IngestPipeline:
                 outcome = await self._in_transaction(conn, requests, rows, results, use_redis, reserved)
             except (_Reseeded, _RedisUnavailable):
                 raise
-            except PG_ERRORS as exc:
+            except asyncpg.DataError as exc:
                 await self._release(reserved)
+                raise _DataRejected from exc
+            except PG_ERRORS as exc:
+                await self._release(reserved)  # normally already released under the lock
                 raise GateClosed(f"postgres failed during capture: {exc!r}") from exc
         finally:
             await self._pool.release(conn)
@@ -235,16 +268,17 @@ class IngestPipeline:
         self, requests: list[CaptureRequest], results: list[list[EventResult | None]]
     ) -> list[_Row]:
         """Rows to insert; a repeated key within the group is a duplicate of its first occurrence."""
-        seen: set[tuple[uuid.UUID, str, int]] = set()
+        first: dict[tuple[uuid.UUID, str, int], _Row] = {}
         rows: list[_Row] = []
         for r_index, request in enumerate(requests):
             for e_index, item in enumerate(request.events):
                 identity = (request.site.id, item.key.key, item.key.t_ms)
-                if identity in seen:
+                if identity in first:
                     results[r_index][e_index] = EventResult(EventStatus.DUPLICATE)
+                    first[identity].repeats.append((r_index, e_index))
                     continue
-                seen.add(identity)
-                rows.append(_Row(r_index, e_index, item, request.site))
+                first[identity] = row = _Row(r_index, e_index, item, request.site)
+                rows.append(row)
         return rows
 
     async def _in_transaction(
@@ -267,13 +301,21 @@ class IngestPipeline:
                 groups = self._billable_groups(rows)
                 if use_redis:
                     usage_before = await self._reserve_in_redis(groups, reserved)
-                await self._settle_quota(conn, groups, usage_before)
-                released = await self._publish_and_buffer(conn, requests, rows, results)
+                try:
+                    await self._settle_quota(conn, groups, usage_before)
+                    released = await self._publish_and_buffer(conn, requests, rows, results)
+                    # Give back what ended uncaptured while our SHARED lock still stands, so a seed or
+                    # a drift correction (EXCLUSIVE) never reads a counter that still holds it.
+                    await self._release(released)
+                    _subtract(reserved, released)
+                except PG_ERRORS:
+                    await self._release(reserved)
+                    reserved.clear()
+                    raise
         except _NeedsSeed as exc:
             # The transaction is rolled back: our shared locks are gone, so the seed can take its lock.
             await self._reseed(conn, exc.pairs)
             raise _Reseeded from None
-        await self._release(released)
         return [
             CaptureResult([res for res in request_results if res is not None], not use_redis)
             for request_results in results
@@ -295,6 +337,9 @@ class IngestPipeline:
     ) -> list[tuple[uuid.UUID, str]]:
         if not rows:
             return []
+        # Key order: two groups inserting the same keys wait on each other in one order, never in a
+        # cycle. (The k-th rule follows arrival order from `rows`, not this order.)
+        rows = sorted(rows, key=lambda r: (r.site.id, r.item.key.key, r.item.key.t_ms))
         records = await conn.fetch(
             query("ingest_capture_rows"),
             lock_mode,
@@ -472,6 +517,10 @@ class IngestPipeline:
                 release[key] = release.get(key, 0) + 1
         for i in failed:
             results[i] = [EventResult(EventStatus.CAPTURE_FAILED)] * len(requests[i].events)
+        # A repeat of a discarded event within the group is not a duplicate of anything captured.
+        for row in discarded:
+            for r_index, e_index in row.repeats:
+                results[r_index][e_index] = EventResult(EventStatus.CAPTURE_FAILED)
         return release
 
     def _message(self, request: CaptureRequest, rows: list[_Row]) -> OutgoingMessage:

@@ -154,3 +154,34 @@ async def test_stale_redis_counter_is_not_trusted_after_postgres_decided(
         redis.stop()
     assert tally == Counter(queued=5, rejected_quota=5)
     assert (await billing(db))["billable_ACCEPTED"] == 20
+
+
+async def test_a_group_member_postgres_refuses_fails_alone(
+    settings: Settings, db: asyncpg.Connection, make_site: MakeSite, amqp_url: str
+) -> None:
+    """Data Postgres refuses (here: a trigger rejecting one label) fails only its own request."""
+    await make_site(monthly_limit=1000)
+    await db.execute(
+        """CREATE FUNCTION refuse_label() RETURNS trigger LANGUAGE plpgsql AS $$
+           BEGIN IF NEW.event_label = 'refused' THEN
+               RAISE EXCEPTION 'bad label' USING ERRCODE = '22023'; END IF;
+           RETURN NEW; END $$;
+           CREATE TRIGGER refuse_label BEFORE INSERT ON ingest_idempotency
+           FOR EACH ROW EXECUTE FUNCTION refuse_label();"""
+    )
+    bodies = distinct_events(60)
+    bodies.insert(30, orjson.dumps({"s": "site-a", "url": "https://example.com/refused", "el": "refused"}))
+    async with gateway_client(settings) as client:
+        await wait_for_amqp(client)
+        session = client.session
+        url = str(client.make_url("/api/sync"))
+
+        async def one(body: bytes) -> int:
+            async with session.post(url, data=body, headers={"Content-Type": "application/json"}) as r:
+                return r.status
+
+        statuses = await asyncio.gather(*(one(b) for b in bodies))
+    assert statuses.count(500) == 1 and statuses[30] == 500
+    assert statuses.count(200) == 60
+    assert (await billing(db))["billable_ACCEPTED"] == 60
+    await assert_published(amqp_url, 60)

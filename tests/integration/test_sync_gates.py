@@ -441,3 +441,27 @@ async def test_overage_captured_degraded_still_counts_as_overage(
     finally:
         await pool.close()
     assert (result.event_count, result.overage_count) == (2, 1)
+
+
+async def test_nul_characters_are_bad_input_and_never_fail_other_requests(
+    gateway: Client, db: asyncpg.Connection, make_site: MakeSite, amqp_url: str
+) -> None:
+    import asyncio
+
+    await make_site()
+    poisoned = [
+        {"s": "site-a", "url": "https://x", "ec": "a\u0000b"},
+        {"s": "site-a\u0000", "url": "https://x"},
+        {"s": "site-a", "url": "https://x", "meta": {"k\u0000": 1}},
+    ]
+    good = [event() for _ in range(30)]
+    answers = await asyncio.gather(*(post(gateway, body) for body in poisoned + good))
+    for status, body, _headers in answers[: len(poisoned)]:
+        assert (status, body["error"]) == (400, "invalid_payload")
+    assert all(a[0] == 200 and a[1]["status"] == "queued" for a in answers[len(poisoned) :])
+    status, body, _ = await post(
+        gateway, {"events": [event(), {"s": "site-a", "url": "https://y", "el": "\u0000"}]}
+    )
+    assert status == 200 and [r["status"] for r in body["results"]] == ["queued", "invalid"]
+    assert len(await rows(db)) == 31
+    assert len(published_events(await drain_queue(amqp_url))) == 31
