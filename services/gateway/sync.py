@@ -37,7 +37,9 @@ from shared.sites import Site
 log = get_logger("sync")
 
 CAPTURE_FAILED_RETRY_AFTER_S = 5
-CAPTURE_SLOTS = 12
+# Concurrent capture groups per process. Few slots make requests that arrive while a group is in flight
+# share the next one: 2 beat 4 and 12 at peak and at half of peak (docs/performance.md).
+CAPTURE_SLOTS = 2
 CORS_HEADERS = {
     "Access-Control-Allow-Methods": "POST, OPTIONS",
     "Access-Control-Allow-Headers": "Content-Type",
