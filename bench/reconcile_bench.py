@@ -31,7 +31,8 @@ from shared.migrate import apply_migrations, create_database_if_missing
 from shared.months import current_year_month, month_start
 from shared.publisher import EventPublisher
 from shared.queries import query
-from shared.reconciliation import JobSettings, enqueue_jobs, run_jobs, usage_key
+from shared.quota import usage_key
+from shared.reconciliation import JobSettings, enqueue_jobs, run_jobs
 from shared.redis_client import create_redis
 
 PG = "postgresql://postgres@127.0.0.1:5432"

@@ -36,8 +36,6 @@ class MicroBatcher(Generic[T, R]):
         # Drains that may still take items. Decremented by the drain itself, in the same step in which
         # it finds the queue empty, so an item queued after that step always starts a new drain.
         self._active = 0
-        self.batches_run = 0
-        self.items_run = 0
 
     async def submit(self, item: T) -> R:
         """Run `item` in the next batch and return its result (or raise its exception)."""
@@ -75,8 +73,6 @@ class MicroBatcher(Generic[T, R]):
                     if not future.done():
                         future.set_exception(error)
                 continue
-            self.batches_run += 1
-            self.items_run += len(batch)
             for (_, future), result in zip(batch, results, strict=True):
                 if future.done():
                     continue

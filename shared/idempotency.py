@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import math
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any
 from uuid import UUID
 
@@ -15,7 +15,6 @@ V2_PAGE_BUCKET_MS = 2_000
 V2_DEFAULT_BUCKET_MS = 2_000
 CLIENT_CLOCK_WINDOW_MS = 5 * 60 * 1000
 SECONDS_THRESHOLD = 10**12
-RETENTION = timedelta(days=90)
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,13 +94,3 @@ def compute_key(site_uuid: UUID, event: dict[str, Any], server_ms: int, version:
         raise ValueError(f"unknown idempotency version {version}")
     digest = hashlib.sha256(key_material(site_uuid, event, t_ms).encode()).hexdigest()
     return IdempotencyKey(key=prefix + digest, version=version, t_ms=t_ms)
-
-
-def version_of_key(key: str) -> int:
-    """1 or 2, from the key's prefix."""
-    return 2 if key.startswith("v2:") else 1
-
-
-def expires_at(created_at: datetime) -> datetime:
-    """Rows live 90 days from capture (computed by the server)."""
-    return created_at + RETENTION

@@ -187,6 +187,7 @@ class IngestPipeline:
         self,
         pool: asyncpg.Pool,
         redis: aioredis.Redis,
+        scripts: GateScripts,
         publisher: EventPublisher,
         *,
         max_requests_per_group: int = 128,
@@ -195,7 +196,7 @@ class IngestPipeline:
     ) -> None:
         self._pool = pool
         self._redis = redis
-        self._scripts = GateScripts(redis)
+        self._scripts = scripts
         self._publisher = publisher
         self._redis_retry_s = redis_retry_s
         self._redis_down_until = 0.0

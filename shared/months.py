@@ -42,9 +42,6 @@ def add_months(year_month: str, months: int) -> str:
     return format_year_month(index // 12, index % 12 + 1)
 
 
-def previous_year_month(now: datetime | None = None) -> str:
-    return add_months(current_year_month(now), -1)
-
 
 def month_start(year_month: str) -> datetime:
     """00:00 UTC of the month's first day."""

@@ -26,6 +26,7 @@ from shared.billing_counters import BillingCounters
 from shared.logging import get_logger
 from shared.months import add_months, current_year_month, is_year_month, months_between
 from shared.queries import query
+from shared.quota import usage_key
 
 log = get_logger("reconciliation")
 
@@ -48,11 +49,6 @@ class JobSettings:
 
 
 # ----------------------------------------------------------------------------------------- pure
-
-
-def usage_key(site_id: uuid.UUID | str, year_month: str) -> str:
-    """The gateway's Redis reservation counter of a (site, month) (SPEC §5)."""
-    return f"usage:{str(site_id).lower()}:{year_month}"
 
 
 def drift_threshold(pg_count: int) -> float:
@@ -225,7 +221,7 @@ async def reconcile_month(
                 new_value = await _apply_delta(redis, key, event_count - observed)
                 if new_value is not None:
                     corrected = True
-                    await conn.execute(query("reconcile_reset_stripes"), site_id, year_month, event_count)
+                    await conn.execute(query("reconcile_reset_stripes"), site_id, year_month)
                     log.info(
                         "reconcile_redis_corrected",
                         site_id=str(site_id),

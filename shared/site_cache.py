@@ -43,9 +43,3 @@ class SiteCache:
         self._entries[public_id] = (site, time.monotonic() + ttl)
         future.set_result(site)
         return site
-
-    def invalidate(self, public_id: str | None = None) -> None:
-        if public_id is None:
-            self._entries.clear()
-        else:
-            self._entries.pop(public_id, None)

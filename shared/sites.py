@@ -39,7 +39,6 @@ class Site:
     allowed_origins: tuple[str, ...]
     rate_limit_per_minute: int | None
     plan: Plan
-    has_plan_row: bool
 
     def allows_origin(self, origin: str | None) -> bool:
         """No Origin = server-side sender; `*` allows any origin."""
@@ -80,7 +79,6 @@ def site_from_row(row: asyncpg.Record, default_monthly_limit: int) -> Site:
         allowed_origins=tuple(row["allowed_origins"] or ()),
         rate_limit_per_minute=row["rate_limit_per_minute"],
         plan=plan,
-        has_plan_row=has_plan,
     )
 
 

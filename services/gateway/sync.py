@@ -167,7 +167,7 @@ def _event_body(item: CaptureEvent, result: EventResult) -> dict[str, Any]:
     return body
 
 
-def _quota_headers(item: CaptureEvent, result: EventResult, capture: CaptureResult) -> dict[str, str]:
+def _quota_headers(item: CaptureEvent, result: EventResult) -> dict[str, str]:
     headers: dict[str, str] = {}
     if not item.billable or result.quota is None:
         return headers
@@ -207,7 +207,7 @@ def _single_response(item: CaptureEvent, capture: CaptureResult) -> web.Response
             gate_status="capture_failed",
             headers={"Retry-After": str(CAPTURE_FAILED_RETRY_AFTER_S)},
         )
-    headers = {"x-opsmantik-dedup": "0", **_quota_headers(item, result, capture)}
+    headers = {"x-opsmantik-dedup": "0", **_quota_headers(item, result)}
     if status is EventStatus.DEGRADED:
         headers.update(_degraded_header("broker_publish_failed", pg_quota))
         headers["x-opsmantik-fallback"] = "true"
@@ -276,6 +276,7 @@ async def _sync_gate(app: web.Application) -> AsyncIterator[None]:
     capture_pool = await create_pool(
         settings.database_url, min_size=0, max_size=CAPTURE_SLOTS, timeout=2.0, reset=keep_session_state
     )
+    scripts = GateScripts(context.redis)  # registered once, shared by the rate limit and the capture
     app[SYNC_GATE] = gate = SyncGate(
         context=context,
         sites=SiteCache(
@@ -283,9 +284,9 @@ async def _sync_gate(app: web.Application) -> AsyncIterator[None]:
             ttl_s=settings.site_cache_ttl_s,
             default_monthly_limit=settings.default_monthly_limit,
         ),
-        rate_limiter=RateLimiter(context.redis, GateScripts(context.redis)),
+        rate_limiter=RateLimiter(context.redis, scripts),
         pipeline=IngestPipeline(
-            capture_pool, context.redis, context.publisher, max_concurrent_groups=CAPTURE_SLOTS
+            capture_pool, context.redis, scripts, context.publisher, max_concurrent_groups=CAPTURE_SLOTS
         ),
     )
     yield

@@ -17,13 +17,9 @@ SELECT pg_advisory_xact_lock(quota_lock_key($1::uuid, $2::text));
 SELECT set_config('lock_timeout', $1::text, true);
 
 -- name: reconcile_reset_stripes
--- Under the EXCLUSIVE lock: the month's usage stripes become one stripe 0 holding the exact COUNT.
-WITH removed AS (
-    DELETE FROM quota_usage_stripes q WHERE q.site_id = $1 AND q.year_month = $2 AND q.stripe <> 0
-)
-INSERT INTO quota_usage_stripes (site_id, year_month, stripe, used)
-VALUES ($1, $2, 0, $3)
-ON CONFLICT (site_id, year_month, stripe) DO UPDATE SET used = EXCLUDED.used;
+-- Under the EXCLUSIVE lock: the month's usage stripes become one stripe 0 holding the exact COUNT
+-- (the same function the gate uses when it seeds a month).
+SELECT quota_reset_stripes($1, $2);
 
 -- name: reconcile_upsert_usage
 INSERT INTO site_usage_monthly (site_id, year_month, event_count, overage_count, last_synced_at)

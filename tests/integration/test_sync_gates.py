@@ -465,3 +465,32 @@ async def test_nul_characters_are_bad_input_and_never_fail_other_requests(
     assert status == 200 and [r["status"] for r in body["results"]] == ["queued", "invalid"]
     assert len(await rows(db)) == 31
     assert len(published_events(await drain_queue(amqp_url))) == 31
+
+
+async def test_repeats_of_an_uncaptured_event_are_never_answered_duplicate(
+    settings: Settings, db: asyncpg.Connection, make_site: MakeSite, amqp_url: str
+) -> None:
+    """Concurrent copies of one event share a capture group; when broker and buffer both fail the first
+    copy's row is removed, so the copies must fail too (503), not claim a capture as `duplicate`."""
+    import asyncio
+
+    await make_site()
+    await db.execute(
+        """CREATE FUNCTION refuse_buffer() RETURNS trigger LANGUAGE plpgsql AS
+           $$ BEGIN RAISE EXCEPTION 'disk full'; END $$;
+           CREATE TRIGGER refuse_buffer BEFORE INSERT ON ingest_fallback_buffer
+           FOR EACH ROW EXECUTE FUNCTION refuse_buffer();"""
+    )
+    proxy = await TcpProxy("127.0.0.1", 5672).start()
+    vhost = amqp_url.rsplit("/", 1)[1]
+    same = event(ec="c", ea="e")
+    try:
+        proxied = settings.with_overrides(amqp_url=f"amqp://guest:guest@127.0.0.1:{proxy.port}/{vhost}")
+        async with gateway_client(proxied) as client:
+            await wait_for_amqp(client)
+            await proxy.cut()
+            answers = await asyncio.gather(*(post(client, same) for _ in range(12)))
+    finally:
+        await proxy.close()
+    assert [a[0] for a in answers] == [503] * 12, [a[1] for a in answers]
+    assert await rows(db) == []
