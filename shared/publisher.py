@@ -8,19 +8,21 @@ there is no channel, and when the confirm does not arrive within the timeout.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import aio_pika
-from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractRobustConnection
+from aio_pika.abc import AbstractRobustConnection
 
 from shared import prom
 from shared.amqp import INGEST_EXCHANGE, connect_robust, declare_topology
+from shared.amqp_wire import ConfirmConnection, Publication, WireError
 from shared.logging import get_logger
 
 log = get_logger("publisher")
+
+# aio-pika raises RuntimeError for a connection closed under it.
+CONNECT_ERRORS = (TimeoutError, OSError, RuntimeError, WireError, aio_pika.exceptions.AMQPError)
 
 
 DEFAULT_CHANNELS = 4
@@ -39,70 +41,83 @@ class OutgoingMessage:
 
 
 class EventPublisher:
-    """Confirmed, persistent publishes to the `ingest` exchange; many may be in flight at once."""
+    """Confirmed, persistent publishes to the `ingest` exchange; many may be in flight at once.
 
-    def __init__(
-        self,
-        amqp_url: str,
-        *,
-        timeout_ms: int,
-        exchange_name: str = INGEST_EXCHANGE,
-        channels: int = DEFAULT_CHANNELS,
-    ) -> None:
+    Two connections: a control connection (aio-pika, robust) declares the topology and serves the
+    queue-depth probe; the publishes go over a `ConfirmConnection` (shared/amqp_wire.py), whose
+    per-message cost is a fraction of aio-pika's. A supervisor task reopens it when it drops.
+    """
+
+    def __init__(self, amqp_url: str, *, timeout_ms: int, exchange_name: str = INGEST_EXCHANGE) -> None:
         self._url = amqp_url
         self._timeout_s = timeout_ms / 1000
         self._exchange_name = exchange_name
-        self._channel_count = max(1, channels)
-        self._connection: AbstractRobustConnection | None = None
-        # Several confirm channels: the broker runs each channel in its own process, so spreading
-        # publishes over a few of them lowers confirm latency under load (measured in docs/performance.md).
-        self._channels: list[AbstractChannel] = []
-        self._exchanges: list[AbstractExchange] = []
-        self._next = 0
+        self._control: AbstractRobustConnection | None = None
+        self._wire: ConfirmConnection | None = None
         self._task: asyncio.Task[None] | None = None
+        self._control_task: asyncio.Task[None] | None = None
         self._closing = False
         self.connected = asyncio.Event()
 
     async def start(self) -> None:
         """Begin connecting in the background; returns immediately."""
-        self._task = asyncio.create_task(self._connect_forever(), name="amqp-connect")
+        self._task = asyncio.create_task(self._supervise(), name="amqp-publisher")
+        self._control_task = asyncio.create_task(self._open_control(), name="amqp-control")
 
-    async def _connect_forever(self) -> None:
+    async def _supervise(self) -> None:
+        """Keep a confirm connection open: connect with backoff, wait for it to drop, repeat."""
         delay = 0.2
         while not self._closing:
+            wire: ConfirmConnection | None = None
             try:
-                connection = await connect_robust(self._url, timeout=3)
-                channels: list[AbstractChannel] = []
-                for _ in range(self._channel_count):
-                    channels.append(await connection.channel(publisher_confirms=True, on_return_raises=True))
-                await declare_topology(channels[0])
-                self._exchanges = [await c.get_exchange(self._exchange_name) for c in channels]
-                self._connection, self._channels = connection, channels
-                self.connected.set()
-                log.info("amqp_connected")
-                return
-            except (TimeoutError, OSError, aio_pika.exceptions.AMQPError) as exc:
+                wire = await ConfirmConnection.open(self._url, timeout=3)
+                await self._declare_topology()
+            except CONNECT_ERRORS as exc:
+                if wire is not None:
+                    wire.abort()
                 log.warning("amqp_connect_failed", error=str(exc) or type(exc).__name__, retry_in_s=delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+                continue
+            self._wire, delay = wire, 0.2
+            if self._closing:
+                return
+            self.connected.set()
+            log.info("amqp_connected")
+            await wire.wait_closed()
+            self._wire = None
+            if not self._closing:
+                log.warning("amqp_connection_lost", reason=wire.close_reason)
+
+    async def _declare_topology(self) -> None:
+        """Declare the contract topology on a short-lived connection (after every reconnect: the broker
+        may have come back without it)."""
+        connection = await aio_pika.connect(self._url, timeout=3)
+        try:
+            async with connection.channel() as channel:
+                await declare_topology(channel)
+        finally:
+            await connection.close()
+
+    async def _open_control(self) -> None:
+        """The robust control connection for the queue-depth probe (it reconnects by itself once made)."""
+        delay = 0.2
+        while not self._closing and self._control is None:
+            try:
+                self._control = await connect_robust(self._url, timeout=3)
+            except CONNECT_ERRORS as exc:
+                log.warning("amqp_control_connect_failed", error=str(exc) or type(exc).__name__)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
 
     @property
     def connection(self) -> AbstractRobustConnection | None:
-        """The broker connection once made (metrics open their own channel on it)."""
-        return self._connection
+        """The control connection once made (the metrics probe opens its own channel on it)."""
+        return self._control
 
     @property
     def is_ready(self) -> bool:
-        return any(not channel.is_closed for channel in self._channels)
-
-    def _pick_exchange(self) -> AbstractExchange | None:
-        """The next open channel's exchange, round robin."""
-        for _ in range(len(self._channels)):
-            index = self._next % len(self._channels)
-            self._next += 1
-            if not self._channels[index].is_closed:
-                return self._exchanges[index]
-        return None
+        return self._wire is not None and self._wire.is_open
 
     async def publish(self, message: OutgoingMessage) -> None:
         """Publish and wait for the broker's confirm, at most `PUBLISH_TIMEOUT_MS`."""
@@ -112,61 +127,57 @@ class EventPublisher:
 
     async def publish_many(self, messages: Sequence[OutgoingMessage]) -> list[PublishFailed | None]:
         """Publish with all confirms in flight at once, within one `PUBLISH_TIMEOUT_MS`; one result per
-        message (None = confirmed). One task per message (no wait_for wrapper task each)."""
-        tasks = [asyncio.ensure_future(self._send(m)) for m in messages]
+        message (None = confirmed)."""
+        if not messages:
+            return []
+        wire = self._wire
+        if wire is None or not wire.is_open:
+            return [self._failed("broker_unavailable") for _ in messages]
         try:
-            _done, pending = await asyncio.wait(tasks, timeout=self._timeout_s)
+            futures = wire.publish_many(
+                [
+                    Publication(self._exchange_name, m.routing_key, m.body, m.message_id, m.headers)
+                    for m in messages
+                ]
+            )
+        except WireError:
+            return [self._failed("broker_unavailable") for _ in messages]
+        try:
+            _done, pending = await asyncio.wait(futures, timeout=self._timeout_s)
         except asyncio.CancelledError:
-            for task in tasks:
-                task.cancel()
+            for future in futures:
+                future.cancel()
             raise
-        for task in pending:
-            task.cancel()
-        if pending:
-            await asyncio.gather(*pending, return_exceptions=True)
         out: list[PublishFailed | None] = []
-        for task in tasks:
-            if task in pending:
-                prom.count_publish_failure("confirm_timeout")
-                out.append(PublishFailed("confirm_timeout"))
-                continue
-            error = task.exception()
-            if error is None:
-                out.append(None)
-            elif isinstance(error, PublishFailed):
-                out.append(error)
+        for future in futures:
+            if future in pending:
+                future.cancel()
+                out.append(self._failed("confirm_timeout"))
+            elif (error := future.exception()) is not None:
+                out.append(self._failed(str(error) or type(error).__name__))
             else:
-                out.append(PublishFailed(repr(error)))
+                prom.observe_publish_confirm(future.result())
+                out.append(None)
         return out
 
-    async def _send(self, message: OutgoingMessage) -> None:
-        exchange = self._pick_exchange()
-        if exchange is None:
-            prom.count_publish_failure("broker_unavailable")
-            raise PublishFailed("broker_unavailable")
-        started = time.perf_counter()
-        try:
-            await exchange.publish(
-                aio_pika.Message(
-                    message.body,
-                    content_type="application/json",
-                    delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-                    message_id=message.message_id,
-                    headers=dict(message.headers),
-                ),
-                routing_key=message.routing_key,
-                mandatory=True,
-            )
-        except (aio_pika.exceptions.AMQPError, OSError, RuntimeError) as exc:
-            prom.count_publish_failure(type(exc).__name__)
-            raise PublishFailed(type(exc).__name__) from exc
-        prom.observe_publish_confirm(time.perf_counter() - started)
+    @staticmethod
+    def _failed(reason: str) -> PublishFailed:
+        prom.count_publish_failure(reason.split(":", 1)[0])
+        return PublishFailed(reason)
 
     async def close(self) -> None:
         self._closing = True
         if self._task is not None:
             self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-        if self._connection is not None:
-            await self._connection.close()
+            # aio-pika may swallow the cancellation mid-connect; the loop also stops on `_closing`,
+            # once the wire it may still have opened is closed below.
+            await asyncio.wait({self._task}, timeout=5)
+        if self._wire is not None:
+            await self._wire.close()
+        if self._task is not None and not self._task.done():
+            await asyncio.wait({self._task}, timeout=5)
+        if self._control_task is not None:
+            self._control_task.cancel()
+            await asyncio.wait({self._control_task}, timeout=5)
+        if self._control is not None:
+            await self._control.close()
