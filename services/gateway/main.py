@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import multiprocessing
 import os
 import signal
@@ -17,6 +18,7 @@ from shared.settings import Settings
 
 # In-flight requests get this long to finish after SIGTERM before the clients close.
 SHUTDOWN_GRACE_S = 15.0
+GC_THRESHOLDS = (50_000, 20, 100)
 
 
 def install_uvloop() -> bool:
@@ -29,10 +31,22 @@ def install_uvloop() -> bool:
     return True
 
 
+def tune_garbage_collector() -> None:
+    """Fewer, cheaper collections: with CPython's default thresholds (700, 10, 10) the collector
+    ran every few requests and its full passes over the whole heap put 100-200 ms pauses into the
+    tail. The objects alive after start-up (modules, settings, caches) are frozen out of every pass;
+    young cycles are still collected by generations 0 and 1, a full pass runs every ~10^8
+    allocations (docs/performance.md: +15 % events/s in batches, p99 at half peak 45-221 → 27-43 ms).
+    """
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLDS)
+
+
 def serve_gateway(settings: Settings) -> None:
     """One gateway process until SIGTERM/SIGINT: stop accepting, drain, close clients."""
     configure_logging(settings.log_level)
     install_uvloop()
+    tune_garbage_collector()
     get_logger("gateway").info(
         "gateway_starting", host=settings.gateway_host, port=settings.gateway_port, pid=os.getpid()
     )
