@@ -6,6 +6,7 @@ import hashlib
 import math
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import lru_cache
 from typing import Any
 from uuid import UUID
 
@@ -25,7 +26,13 @@ class IdempotencyKey:
 
     @property
     def bucket_at(self) -> datetime:
-        return datetime.fromtimestamp(self.t_ms / 1000, tz=UTC)
+        return bucket_instant(self.t_ms)
+
+
+@lru_cache(maxsize=1024)
+def bucket_instant(t_ms: int) -> datetime:
+    """The instant of a key's time component (cached: the keys of a moment share a few buckets)."""
+    return datetime.fromtimestamp(t_ms / 1000, tz=UTC)
 
 
 def _text(value: Any) -> str:
