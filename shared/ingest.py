@@ -45,7 +45,7 @@ from shared.quota import (
     usage_key,
     usage_key_ttl_seconds,
 )
-from shared.redis_scripts import GateScripts, run_script
+from shared.redis_scripts import GateScripts
 from shared.sites import Site
 
 log = get_logger("ingest")
@@ -414,7 +414,7 @@ class IngestPipeline:
         for group in groups.values():
             args += [len(group), acceptance_cap(group[0].site.plan)]
         try:
-            reply = await run_script(self._scripts.reserve_quota, keys, args)
+            reply = await self._scripts.run(self._scripts.reserve_quota, keys, args)
         except REDIS_ERRORS as exc:
             log.warning("quota_redis_unavailable", error=str(exc) or type(exc).__name__)
             raise _RedisUnavailable from exc
@@ -573,6 +573,6 @@ class IngestPipeline:
             return
         keys = list(reservations)
         try:
-            await run_script(self._scripts.release_quota, keys, [reservations[k] for k in keys])
+            await self._scripts.run(self._scripts.release_quota, keys, [reservations[k] for k in keys])
         except REDIS_ERRORS as exc:
             log.warning("quota_release_failed", error=str(exc) or type(exc).__name__, keys=len(keys))

@@ -14,7 +14,7 @@ import redis.asyncio as aioredis
 
 from shared.batching import MicroBatcher
 from shared.logging import get_logger
-from shared.redis_scripts import GateScripts, run_script
+from shared.redis_scripts import GateScripts
 from shared.settings import IpNetwork
 
 WINDOW_MS = 60_000
@@ -100,8 +100,7 @@ class LocalRateLimiter:
 class RateLimiter:
     """Checks of concurrent requests share one Redis script call."""
 
-    def __init__(self, redis: aioredis.Redis, scripts: GateScripts, *, redis_retry_s: float = 1.0) -> None:
-        self._redis = redis
+    def __init__(self, scripts: GateScripts, *, redis_retry_s: float = 1.0) -> None:
         self._scripts = scripts
         self._local = LocalRateLimiter()
         self._redis_down_until = 0.0
@@ -121,7 +120,7 @@ class RateLimiter:
             for ask in asks:
                 args += [ask.units, ask.limit, WINDOW_MS * 2]
             try:
-                admitted = await run_script(self._scripts.rate_limit, keys, args)
+                admitted = await self._scripts.run(self._scripts.rate_limit, keys, args)
             except REDIS_ERRORS as exc:
                 self._redis_down_until = time.monotonic() + self._redis_retry_s
                 log.warning("rate_limit_redis_unavailable", error=str(exc) or type(exc).__name__)

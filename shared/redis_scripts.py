@@ -1,13 +1,15 @@
-"""The Lua scripts of the gate, loaded once per client (EVALSHA, falling back to EVAL after a flush)."""
+"""The Lua scripts of the gate, run over a lean pipelined connection (shared/resp_wire.py): EVALSHA,
+falling back to EVAL after a Redis restart or SCRIPT FLUSH."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from functools import cache
 from pathlib import Path
-from typing import Any
 
-import redis.asyncio as aioredis
-from redis.commands.core import AsyncScript
+from redis import exceptions as redis_errors
+
+from shared.resp_wire import LuaScript, ScriptClient
 
 LUA_DIR = Path(__file__).resolve().parent / "lua"
 
@@ -18,14 +20,20 @@ def script_source(name: str) -> str:
 
 
 class GateScripts:
-    """reserve_quota, release_quota and rate_limit registered on one client."""
+    """reserve_quota, release_quota and rate_limit, run on one connection per process."""
 
-    def __init__(self, redis: aioredis.Redis) -> None:
-        self.reserve_quota: AsyncScript = redis.register_script(script_source("reserve_quota"))
-        self.release_quota: AsyncScript = redis.register_script(script_source("release_quota"))
-        self.rate_limit: AsyncScript = redis.register_script(script_source("rate_limit"))
+    def __init__(self, redis_url: str, *, timeout_s: float = 0.5) -> None:
+        self.client = ScriptClient(redis_url, timeout_s=timeout_s)
+        self.reserve_quota = LuaScript(script_source("reserve_quota"))
+        self.release_quota = LuaScript(script_source("release_quota"))
+        self.rate_limit = LuaScript(script_source("rate_limit"))
 
+    async def run(self, script: LuaScript, keys: Sequence[str], args: Sequence[int | str]) -> list[int]:
+        """The script's reply: a list of integers (every gate script answers one)."""
+        reply = await self.client.run(script, keys, args)
+        if not isinstance(reply, list) or not all(isinstance(x, int) for x in reply):
+            raise redis_errors.ResponseError(f"unexpected script reply {reply!r}")
+        return [int(x) for x in reply if isinstance(x, int)]
 
-async def run_script(script: AsyncScript, keys: list[str], args: list[Any]) -> list[int]:
-    result = await script(keys=keys, args=args)
-    return [int(x) for x in result]
+    async def close(self) -> None:
+        await self.client.close()

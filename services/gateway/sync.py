@@ -276,7 +276,7 @@ async def _sync_gate(app: web.Application) -> AsyncIterator[None]:
     capture_pool = await create_pool(
         settings.database_url, min_size=0, max_size=CAPTURE_SLOTS, timeout=2.0, reset=keep_session_state
     )
-    scripts = GateScripts(context.redis)  # registered once, shared by the rate limit and the capture
+    scripts = GateScripts(settings.redis_url)  # one connection, shared by the rate limit and the capture
     app[SYNC_GATE] = gate = SyncGate(
         context=context,
         sites=SiteCache(
@@ -284,7 +284,7 @@ async def _sync_gate(app: web.Application) -> AsyncIterator[None]:
             ttl_s=settings.site_cache_ttl_s,
             default_monthly_limit=settings.default_monthly_limit,
         ),
-        rate_limiter=RateLimiter(context.redis, scripts),
+        rate_limiter=RateLimiter(scripts),
         pipeline=IngestPipeline(
             capture_pool, context.redis, scripts, context.publisher, max_concurrent_groups=CAPTURE_SLOTS
         ),
@@ -293,6 +293,7 @@ async def _sync_gate(app: web.Application) -> AsyncIterator[None]:
     try:
         await asyncio.wait_for(gate.pipeline.drain(), timeout=30)
     finally:
+        await scripts.close()
         await close_pool(capture_pool)
 
 
