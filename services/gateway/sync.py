@@ -138,19 +138,28 @@ def _gate_closed(request: web.Request, exc: BaseException) -> web.Response:
 
 
 def _count(context: GatewayContext, capture: CaptureRequest, result: CaptureResult) -> None:
-    counters = context.counters
+    """SPEC §11 counters for one request: tallied here, added once per counter (not per event)."""
+    allowed = overage = degraded = duplicate = rejected = 0
     for event_result in result.events:
         status = event_result.status
-        if status in (EventStatus.QUEUED, EventStatus.DEGRADED):
-            counters.add("billing_ingest_allowed_total")
-            if event_result.overage:
-                counters.add("billing_ingest_overage_total")
-            if status is EventStatus.DEGRADED:
-                counters.add("billing_ingest_degraded_total")
+        if status is EventStatus.QUEUED or status is EventStatus.DEGRADED:
+            allowed += 1
+            overage += event_result.overage
+            degraded += status is EventStatus.DEGRADED
         elif status is EventStatus.DUPLICATE:
-            counters.add("billing_ingest_duplicate_total")
+            duplicate += 1
         elif status is EventStatus.REJECTED_QUOTA:
-            counters.add("billing_ingest_rejected_quota_total")
+            rejected += 1
+    counters = context.counters
+    for name, amount in (
+        ("billing_ingest_allowed_total", allowed),
+        ("billing_ingest_overage_total", overage),
+        ("billing_ingest_degraded_total", degraded),
+        ("billing_ingest_duplicate_total", duplicate),
+        ("billing_ingest_rejected_quota_total", rejected),
+    ):
+        if amount:
+            counters.add(name, amount)
 
 
 # -- answers -----------------------------------------------------------------------------------
