@@ -39,6 +39,8 @@ BASIC_RETURN = (60 << 16) | 50
 FLAG_CONTENT_TYPE, FLAG_HEADERS, FLAG_DELIVERY_MODE, FLAG_MESSAGE_ID = 0x8000, 0x2000, 0x1000, 0x0080
 PERSISTENT = b"\x02"
 ROUTE_CACHE_LIMIT = 4096
+# Bytes the broker may leave unread before publishes fail fast (a few hundred groups of batches).
+WRITE_BUFFER_HIGH = 8 * 1024 * 1024
 CLIENT_PROPERTIES: dict[str, FieldValue] = {
     "product": "revenue-kernel",
     "capabilities": {"publisher_confirms": True},
@@ -152,6 +154,7 @@ class ConfirmConnection(asyncio.Protocol):
         self._closed: asyncio.Future[None] = self._loop.create_future()
         self._close_ok: asyncio.Future[None] = self._loop.create_future()
         self._open = False
+        self._writing_paused = False
         self._frame_max = 131072
         self._delivery_tag = 0
         # delivery tag -> (confirm future, message id, monotonic send time); tags only grow, so the
@@ -194,6 +197,10 @@ class ConfirmConnection(asyncio.Protocol):
         """Write every message in one go; each future gets the seconds until its confirm, or WireError."""
         if not self._open or self._transport is None:
             raise WireError(self.close_reason or "connection_not_open")
+        if self._writing_paused:
+            # The broker stopped reading (resource alarm, stalled socket): fail now, so the events go
+            # to the fallback buffer, instead of queueing unbounded bytes in this process.
+            raise WireError("broker_not_reading")
         now = self._loop.time()
         futures: list[asyncio.Future[float]] = []
         out: list[bytes] = []
@@ -250,8 +257,15 @@ class ConfirmConnection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = cast(asyncio.Transport, transport)  # uvloop's transports are not subclasses
+        self._transport.set_write_buffer_limits(high=WRITE_BUFFER_HIGH, low=WRITE_BUFFER_HIGH // 4)
         self._last_received = self._loop.time()
         self._transport.write(PROTOCOL_HEADER)
+
+    def pause_writing(self) -> None:
+        self._writing_paused = True
+
+    def resume_writing(self) -> None:
+        self._writing_paused = False
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._open = False

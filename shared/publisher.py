@@ -140,8 +140,8 @@ class EventPublisher:
                     for m in messages
                 ]
             )
-        except WireError:
-            return [self._failed("broker_unavailable") for _ in messages]
+        except WireError as exc:
+            return [self._failed(str(exc) or "broker_unavailable") for _ in messages]
         try:
             _done, pending = await asyncio.wait(futures, timeout=self._timeout_s)
         except asyncio.CancelledError:

@@ -6,6 +6,7 @@ Each test works in the session's own vhost; what it declares beyond the contract
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
 from collections.abc import AsyncIterator
 
@@ -113,6 +114,75 @@ async def test_cut_connection_fails_every_pending_confirm(amqp_url: str) -> None
         assert all(isinstance(o, WireError) for o in outcomes)
         await asyncio.wait_for(wire.wait_closed(), timeout=5)
     finally:
+        await proxy.close()
+
+
+class StallingProxy:
+    """Forwards to the broker; `stall()` stops reading what the client sends (a broker that does not
+    read: resource alarm, stuck socket) while the other direction keeps flowing."""
+
+    def __init__(self) -> None:
+        self.flowing = asyncio.Event()
+        self.flowing.set()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._writers: list[asyncio.StreamWriter] = []
+        self.port = 0
+
+    async def start(self) -> StallingProxy:
+        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def _accept(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
+        broker_r, broker_w = await asyncio.open_connection(AMQP_HOST, AMQP_PORT)
+        self._writers += [client_w, broker_w]
+        for task in (self._pipe(client_r, broker_w, gated=True), self._pipe(broker_r, client_w, gated=False)):
+            self._tasks.add(asyncio.ensure_future(task))
+
+    async def _pipe(self, src: asyncio.StreamReader, dst: asyncio.StreamWriter, *, gated: bool) -> None:
+        with contextlib.suppress(ConnectionError, OSError):
+            while True:
+                if gated:
+                    await self.flowing.wait()
+                data = await src.read(65536)
+                if not data:
+                    return
+                dst.write(data)
+                await dst.drain()
+
+    async def close(self) -> None:
+        for writer in self._writers:
+            writer.transport.abort()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._server.close()
+        await self._server.wait_closed()
+
+
+async def test_a_broker_that_stops_reading_fails_publishes_fast_instead_of_buffering(amqp_url: str) -> None:
+    proxy = await StallingProxy().start()
+    vhost = amqp_url.rsplit("/", 1)[1]
+    wire = await ConfirmConnection.open(f"amqp://guest:guest@127.0.0.1:{proxy.port}/{vhost}", timeout=5)
+    try:
+        proxy.flowing.clear()
+        written: list[asyncio.Future[float]] = []
+        refused = None
+        for _ in range(200):  # at most 200 MiB: kernel buffers, then our 8 MiB, then refusal
+            try:
+                written += wire.publish_many([publication(b"x" * 1024 * 1024)])
+            except WireError as exc:
+                refused = exc
+                break
+            await asyncio.sleep(0.01)
+        assert refused is not None and str(refused) == "broker_not_reading"
+        assert wire.is_open  # the connection is kept: the broker may come back
+        proxy.flowing.set()  # it reads again: what was written is confirmed, new publishes work
+        await asyncio.wait_for(asyncio.gather(*written), timeout=30)
+        [later] = wire.publish_many([publication(b"{}")])
+        assert await asyncio.wait_for(later, timeout=10) >= 0
+    finally:
+        await wire.close()
         await proxy.close()
 
 
