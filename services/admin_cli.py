@@ -94,6 +94,8 @@ def cmd_site_create(args: argparse.Namespace, settings: Settings) -> int:
             raise CliError(f"a site with public id {args.public_id!r} already exists") from None
         except asyncpg.CheckViolationError as exc:
             raise CliError(f"invalid site: {_one_line(exc)}") from None
+        except ValueError as exc:
+            raise CliError(f"invalid site: {exc}") from None
 
     print_json(_with_db(settings, work).as_dict())
     return 0

@@ -205,21 +205,29 @@ class ConfirmConnection(asyncio.Protocol):
         futures: list[asyncio.Future[float]] = []
         out: list[bytes] = []
         for message in messages:
-            method = self._routes.get((message.exchange, message.routing_key))
-            if method is None:
-                method = self._method_frame(message.exchange, message.routing_key)
-            out.append(
-                publish_frames(
-                    method, message.body, message_id=message.message_id, headers=message.headers,
-                    frame_max=self._frame_max,
-                )
-            )
-            self._delivery_tag += 1
             future: asyncio.Future[float] = self._loop.create_future()
-            self._unconfirmed[self._delivery_tag] = (future, message.message_id, now)
             futures.append(future)
-        self._transport.write(b"".join(out))
+            try:
+                frames = self._encode(message)
+            except (ValueError, TypeError, struct.error) as exc:
+                # Never sent, so it takes no delivery tag: the tags stay in step with the broker's.
+                future.set_exception(WireError(f"unencodable: {exc}"))
+                continue
+            out.append(frames)
+            self._delivery_tag += 1
+            self._unconfirmed[self._delivery_tag] = (future, message.message_id, now)
+        if out:
+            self._transport.write(b"".join(out))
         return futures
+
+    def _encode(self, message: Publication) -> bytes:
+        method = self._routes.get((message.exchange, message.routing_key))
+        if method is None:
+            method = self._method_frame(message.exchange, message.routing_key)
+        return publish_frames(
+            method, message.body, message_id=message.message_id, headers=message.headers,
+            frame_max=self._frame_max,
+        )
 
     def _method_frame(self, exchange: str, routing_key: str) -> bytes:
         method = publish_method_frame(exchange, routing_key)

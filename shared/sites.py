@@ -14,6 +14,9 @@ from shared.queries import query
 ROLES = ("owner", "admin", "billing", "viewer")
 
 
+MAX_ROUTING_KEY_BYTES = 255
+
+
 class SiteNotFound(LookupError):
     """No site has that UUID or public id."""
 
@@ -112,7 +115,18 @@ async def create_site(
     plan_tier: str | None = None,
     default_monthly_limit: int = 1000,
 ) -> Site:
-    """Insert a site (and its plan when any plan field is given) in one transaction."""
+    """Insert a site (and its plan when any plan field is given) in one transaction.
+
+    ValueError when its events could not be routed: `event.<public_id>` must fit an AMQP short
+    string (255 bytes of UTF-8)."""
+    from shared.amqp import ingest_routing_key  # here: CLI modules import this module, keep it light
+
+    routing_key_bytes = len(ingest_routing_key(public_id).encode())
+    if routing_key_bytes > MAX_ROUTING_KEY_BYTES:
+        raise ValueError(
+            f"public id too long: its routing key is {routing_key_bytes} bytes of UTF-8, at most "
+            f"{MAX_ROUTING_KEY_BYTES} are allowed"
+        )
     async with conn.transaction():
         site_id = await conn.fetchval(
             query("insert_site"), public_id, name, allowed_origins or [], rate_limit_per_minute

@@ -92,6 +92,41 @@ async def test_a_nack_fails_the_message(wire: ConfirmConnection, amqp_url: str) 
             await ex.delete()
 
 
+async def test_an_unencodable_message_fails_alone_and_confirms_stay_matched(
+    wire: ConfirmConnection, amqp_url: str
+) -> None:
+    """A routing key over 255 bytes cannot be sent: it must fail by itself and take no delivery tag,
+    or every later ack and nack would be matched to the wrong message."""
+    exchange, queue = f"wire-one-{uuid.uuid4().hex[:8]}", f"wire-one-{uuid.uuid4().hex[:8]}"
+    connection = await aio_pika.connect(amqp_url)
+    async with connection:
+        channel = await connection.channel()
+        ex = await channel.declare_exchange(exchange, aio_pika.ExchangeType.FANOUT)
+        q = await channel.declare_queue(queue, arguments={"x-max-length": 1, "x-overflow": "reject-publish"})
+        await q.bind(ex)
+        try:
+            too_long_key = "é" * 128  # 256 bytes of UTF-8
+            good, bad = wire.publish_many(
+                [
+                    Publication(exchange, "", b"1", "m-good", {}),
+                    Publication(exchange, too_long_key, b"2", "m-bad", {}),
+                ]
+            )
+            with pytest.raises(WireError, match="unencodable"):
+                await bad
+            assert await good >= 0  # the queue now holds its one message
+            [refused] = wire.publish_many([Publication(exchange, "", b"3", "m-full", {})])
+            with pytest.raises(WireError, match="nacked"):
+                await refused
+            await q.purge()
+            [accepted] = wire.publish_many([Publication(exchange, "", b"4", "m-after", {})])
+            assert await accepted >= 0
+            assert wire.unconfirmed == 0
+        finally:
+            await q.delete(if_unused=False, if_empty=False)
+            await ex.delete()
+
+
 async def test_broker_closing_the_channel_fails_what_is_in_flight(wire: ConfirmConnection) -> None:
     [doomed] = wire.publish_many([Publication(f"no-such-{uuid.uuid4().hex}", "k", b"{}", "m-2", {})])
     with pytest.raises(WireError, match="404"):

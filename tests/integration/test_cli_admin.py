@@ -93,6 +93,17 @@ async def test_migrate_creates_the_database_and_the_second_run_applies_nothing(
     assert (second.code, second.stdout) == (0, "applied 0 migration(s)\n")
 
 
+async def test_site_whose_routing_key_would_not_fit_is_refused(
+    cli_settings: Settings, db: asyncpg.Connection
+) -> None:
+    """128 characters pass the column's check, but `event.` + 250 bytes of UTF-8 is no AMQP short string."""
+    run = await revkernel(cli_settings, "site", "create", "--public-id", "é" * 125)
+    assert run.code != 0 and "routing key" in run.stderr and "Traceback" not in run.stderr
+    assert await db.fetchval("SELECT count(*) FROM sites") == 0
+    ok = await revkernel(cli_settings, "site", "create", "--public-id", "é" * 124)  # 6 + 248 bytes
+    assert ok.code == 0, ok.stderr
+
+
 async def test_site_create_prints_the_site_with_its_plan(
     cli_settings: Settings, db: asyncpg.Connection
 ) -> None:
