@@ -63,6 +63,8 @@ def client_ip(peer: str | None, forwarded_for: str | None, trusted: Sequence[IpN
 
 
 def _is_ip(value: str) -> bool:
+    if not value.isascii():  # ipaddress accepts any IPv6 scope id, even undecodable header bytes
+        return False
     try:
         ipaddress.ip_address(value)
     except ValueError:

@@ -134,9 +134,14 @@ class RespConnection(asyncio.Protocol):
     def call(self, args: Sequence[bytes | str | int]) -> asyncio.Future[Reply]:
         if self._transport is None or self._closed:
             raise redis_errors.ConnectionError("redis connection is closed")
+        try:
+            command = encode_command(args)
+        except UnicodeEncodeError as exc:
+            # Before a reply slot is taken: one bad argument must never shift replies onto other calls.
+            raise redis_errors.DataError(f"argument not encodable: {exc}") from None
         future: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
         self._waiting.append(future)
-        self._transport.write(encode_command(args))
+        self._transport.write(command)
         return future
 
     def abort(self) -> None:
@@ -191,7 +196,7 @@ class ScriptClient:
         self._address = RedisAddress.from_url(url)
         self._timeout_s = timeout_s
         self._connection: RespConnection | None = None
-        self._connecting: asyncio.Lock | None = None
+        self._connecting: asyncio.Future[RespConnection] | None = None
 
     async def run(self, script: LuaScript, keys: Sequence[str], args: Sequence[int | str]) -> Reply:
         """EVALSHA; EVAL when Redis does not know the script (restart, SCRIPT FLUSH)."""
@@ -213,16 +218,19 @@ class ScriptClient:
             raise redis_errors.TimeoutError(f"no reply from redis within {self._timeout_s}s") from None
 
     async def _open(self) -> RespConnection:
+        """The open connection, or one connect attempt shared by every caller waiting for it (so a
+        hung server costs each of them one timeout, not one per caller ahead of it)."""
         connection = self._connection
         if connection is not None and connection.is_open:
             return connection
-        if self._connecting is None:
-            self._connecting = asyncio.Lock()
-        async with self._connecting:
-            if self._connection is not None and self._connection.is_open:
-                return self._connection
-            self._connection = await self._connect()
-            return self._connection
+        if self._connecting is None or self._connecting.done():
+            self._connecting = asyncio.ensure_future(self._connect())
+            self._connecting.add_done_callback(self._connected)
+        return await asyncio.shield(self._connecting)
+
+    def _connected(self, attempt: asyncio.Future[RespConnection]) -> None:
+        if not attempt.cancelled() and attempt.exception() is None:
+            self._connection = attempt.result()
 
     async def _connect(self) -> RespConnection:
         loop = asyncio.get_running_loop()
@@ -249,6 +257,8 @@ class ScriptClient:
         return connection
 
     async def close(self) -> None:
+        if self._connecting is not None and not self._connecting.done():
+            self._connecting.cancel()
         if self._connection is not None:
             self._connection.abort()
             self._connection = None

@@ -50,6 +50,43 @@ async def test_script_errors_fail_their_call_only(redis_url: str) -> None:
         await client.close()
 
 
+async def test_an_unencodable_argument_fails_alone_and_replies_stay_matched(redis_url: str) -> None:
+    client = ScriptClient(redis_url)
+    try:
+        with pytest.raises(redis_errors.DataError):
+            await client.run(ECHO, ["rl:fe80::1%\udcff"], [1])
+        first, second = await asyncio.gather(client.run(ECHO, ["a"], [7]), client.run(ECHO, ["b"], [9]))
+        assert first == [7, 7] and second == [9, 9]
+    finally:
+        await client.close()
+
+
+async def test_callers_waiting_for_a_hung_server_share_one_connect_timeout() -> None:
+    """A server that accepts and never answers AUTH/SELECT: every waiting call fails after one timeout,
+    not one timeout per caller queued ahead of it."""
+
+    async def swallow(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while await reader.read(65536):
+            pass
+        writer.close()
+
+    server = await asyncio.start_server(swallow, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    client = ScriptClient(f"redis://127.0.0.1:{port}/3", timeout_s=0.3)
+    loop = asyncio.get_running_loop()
+    try:
+        started = loop.time()
+        calls = [client.run(ECHO, ["k"], [1]) for _ in range(8)]
+        outcomes = await asyncio.gather(*calls, return_exceptions=True)
+        elapsed = loop.time() - started
+        assert all(isinstance(o, redis_errors.TimeoutError) for o in outcomes), outcomes
+        assert elapsed < 1.5  # serialised connects would take 8 x 0.3 s
+    finally:
+        await client.close()
+        server.close()
+        await server.wait_closed()
+
+
 async def test_dead_port_is_a_connection_error() -> None:
     client = ScriptClient(f"redis://127.0.0.1:{free_port()}/0", timeout_s=0.5)
     with pytest.raises(redis_errors.ConnectionError):

@@ -72,6 +72,8 @@ def test_client_ip() -> None:
     assert client_ip("127.0.0.1", "203.0.113.9", TRUSTED) == "203.0.113.9"
     assert client_ip("127.0.0.1", "203.0.113.9, 10.1.2.3", TRUSTED) == "203.0.113.9"
     assert client_ip("127.0.0.1", "6.6.6.6, 203.0.113.9", TRUSTED) == "203.0.113.9"  # spoofed left hop
+    # aiohttp keeps undecodable header bytes as surrogates; ipaddress would take them as a scope id
+    assert client_ip("127.0.0.1", "fe80::1%\udcff", TRUSTED) == "127.0.0.1"
     assert client_ip("127.0.0.1", "garbage", TRUSTED) == "127.0.0.1"
     assert client_ip("127.0.0.1", None, TRUSTED) == "127.0.0.1"
     assert client_ip("127.0.0.1", "203.0.113.9", ()) == "127.0.0.1"
