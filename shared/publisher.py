@@ -2,7 +2,7 @@
 
 The gateway must start while the broker is down (SPEC §3) and degrade instead of failing, so the
 connection is made by a supervised background task; `publish` raises PublishFailed at once while
-there is no channel, and when the confirm does not arrive within the timeout.
+there is no open connection, and when the confirm does not arrive within the timeout.
 """
 
 from __future__ import annotations
@@ -23,9 +23,6 @@ log = get_logger("publisher")
 
 # aio-pika raises RuntimeError for a connection closed under it.
 CONNECT_ERRORS = (TimeoutError, OSError, RuntimeError, WireError, aio_pika.exceptions.AMQPError)
-
-
-DEFAULT_CHANNELS = 4
 
 
 class PublishFailed(Exception):
