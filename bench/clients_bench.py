@@ -26,7 +26,7 @@ import uvloop
 
 from bench.stores import create_vhost, delete_vhost
 from shared.amqp import INGEST_EXCHANGE, declare_topology
-from shared.amqp_wire import ConfirmConnection, Publication
+from shared.amqp_wire import ConfirmConnection, OutgoingMessage
 from shared.redis_client import create_redis
 from shared.redis_scripts import GateScripts, script_source
 
@@ -91,8 +91,8 @@ async def amqp_pair(seconds: float, in_flight: int) -> None:
         await exchange.publish(message, routing_key="event.bench", mandatory=True)
 
     async def via_wire() -> None:
-        publication = Publication(INGEST_EXCHANGE, "event.bench", BODY, uuid.uuid4().hex, {})
-        [confirm] = wire.publish_many([publication])
+        message = OutgoingMessage(BODY, "event.bench", uuid.uuid4().hex)
+        [confirm] = wire.publish_many(INGEST_EXCHANGE, [message])
         await confirm
 
     try:

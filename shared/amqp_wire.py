@@ -16,7 +16,7 @@ import asyncio
 import contextlib
 import struct
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import cast
 from urllib.parse import unquote, urlsplit
 
@@ -27,6 +27,7 @@ from pamqp.common import FieldValue
 PROTOCOL_HEADER = b"AMQP\x00\x00\x09\x01"
 FRAME_METHOD, FRAME_HEADER, FRAME_BODY, FRAME_HEARTBEAT = 1, 2, 3, 8
 FRAME_END = b"\xce"
+FRAME_END_BYTE = FRAME_END[0]
 CHANNEL = 1
 HEARTBEAT_FRAME = struct.pack(">BHI", FRAME_HEARTBEAT, 0, 0) + FRAME_END
 
@@ -130,14 +131,13 @@ def publish_frames(
 
 
 @dataclass(frozen=True, slots=True)
-class Publication:
-    """One message to publish on the wire."""
+class OutgoingMessage:
+    """One persistent `application/json` message to publish."""
 
-    exchange: str
-    routing_key: str
     body: bytes
+    routing_key: str
     message_id: str
-    headers: Mapping[str, int | str]
+    headers: Mapping[str, int | str] = field(default_factory=dict)
 
 
 class ConfirmConnection(asyncio.Protocol):
@@ -161,7 +161,9 @@ class ConfirmConnection(asyncio.Protocol):
         # dict's insertion order is tag order and a `multiple` ack pops from the front.
         self._unconfirmed: dict[int, tuple[asyncio.Future[float], str, float]] = {}
         self._returned: set[str] = set()
-        self._pending_return: list[int] = []  # [body bytes still expected] while a return is read
+        # While a returned message is read: None until its header says the size, then body bytes left.
+        self._reading_return = False
+        self._return_bytes_left: int | None = None
         self._routes: dict[tuple[str, str], bytes] = {}
         self._last_received = 0.0
         self._heartbeat_timer: asyncio.TimerHandle | None = None
@@ -193,8 +195,9 @@ class ConfirmConnection(asyncio.Protocol):
     def unconfirmed(self) -> int:
         return len(self._unconfirmed)
 
-    def publish_many(self, messages: Sequence[Publication]) -> list[asyncio.Future[float]]:
-        """Write every message in one go; each future gets the seconds until its confirm, or WireError."""
+    def publish_many(self, exchange: str, messages: Sequence[OutgoingMessage]) -> list[asyncio.Future[float]]:
+        """Write every message to `exchange` in one go; each future gets the seconds until its confirm,
+        or WireError."""
         if not self._open or self._transport is None:
             raise WireError(self.close_reason or "connection_not_open")
         if self._writing_paused:
@@ -208,7 +211,7 @@ class ConfirmConnection(asyncio.Protocol):
             future: asyncio.Future[float] = self._loop.create_future()
             futures.append(future)
             try:
-                frames = self._encode(message)
+                frames = self._encode(exchange, message)
             except (ValueError, TypeError, struct.error) as exc:
                 # Never sent, so it takes no delivery tag: the tags stay in step with the broker's.
                 future.set_exception(WireError(f"unencodable: {exc}"))
@@ -220,10 +223,10 @@ class ConfirmConnection(asyncio.Protocol):
             self._transport.write(b"".join(out))
         return futures
 
-    def _encode(self, message: Publication) -> bytes:
-        method = self._routes.get((message.exchange, message.routing_key))
+    def _encode(self, exchange: str, message: OutgoingMessage) -> bytes:
+        method = self._routes.get((exchange, message.routing_key))
         if method is None:
-            method = self._method_frame(message.exchange, message.routing_key)
+            method = self._method_frame(exchange, message.routing_key)
         return publish_frames(
             method, message.body, message_id=message.message_id, headers=message.headers,
             frame_max=self._frame_max,
@@ -298,6 +301,9 @@ class ConfirmConnection(asyncio.Protocol):
             if end - offset < size + 8:
                 break
             start = offset + 7
+            if buffer[start + size] != FRAME_END_BYTE:
+                self._protocol_error("frame without frame-end octet")
+                return
             if kind == FRAME_METHOD:
                 method_id = struct.unpack_from(">I", buffer, start)[0]
                 if method_id in (BASIC_ACK, BASIC_NACK):
@@ -305,12 +311,11 @@ class ConfirmConnection(asyncio.Protocol):
                     self._confirm(tag, bool(bits & 1), method_id == BASIC_ACK)
                 else:
                     self._on_method(channel, bytes(buffer[offset : start + size + 1]))
-            elif kind == FRAME_HEADER and self._pending_return:
+            elif kind == FRAME_HEADER and self._reading_return:
                 self._on_return_header(bytes(buffer[offset : start + size + 1]))
-            elif kind == FRAME_BODY and self._pending_return:
-                self._pending_return[0] -= size
-                if self._pending_return[0] <= 0:
-                    self._pending_return.clear()
+            elif kind == FRAME_BODY and self._reading_return and self._return_bytes_left is not None:
+                self._return_bytes_left -= size
+                self._reading_return = self._return_bytes_left > 0
             elif kind != FRAME_HEARTBEAT:
                 self._protocol_error(f"unexpected frame type {kind}")
                 return
@@ -350,7 +355,7 @@ class ConfirmConnection(asyncio.Protocol):
     def _on_method(self, channel: int, raw: bytes) -> None:
         _consumed, _channel, method = frame.unmarshal(raw)
         if isinstance(method, commands.Basic.Return):
-            self._pending_return = [-1]  # the header frame that follows says how many body bytes
+            self._reading_return, self._return_bytes_left = True, None
         elif isinstance(method, commands.Connection.Start):
             self._send_method(
                 commands.Connection.StartOk(
@@ -389,7 +394,8 @@ class ConfirmConnection(asyncio.Protocol):
         if isinstance(content, header.ContentHeader):
             if content.properties.message_id:
                 self._returned.add(content.properties.message_id)
-            self._pending_return = [content.body_size] if content.body_size > 0 else []
+            self._return_bytes_left = content.body_size
+            self._reading_return = content.body_size > 0
 
     def _on_broker_close(self, channel: int, method: Frame) -> None:
         """The broker closed the channel or the connection: answer close-ok and drop the connection."""

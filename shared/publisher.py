@@ -9,15 +9,16 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 
 import aio_pika
 from aio_pika.abc import AbstractRobustConnection
 
 from shared import prom
 from shared.amqp import INGEST_EXCHANGE, connect_robust, declare_topology
-from shared.amqp_wire import ConfirmConnection, Publication, WireError
+from shared.amqp_wire import ConfirmConnection, OutgoingMessage, WireError
 from shared.logging import get_logger
+
+__all__ = ["EventPublisher", "OutgoingMessage", "PublishFailed"]
 
 log = get_logger("publisher")
 
@@ -27,14 +28,6 @@ CONNECT_ERRORS = (TimeoutError, OSError, RuntimeError, WireError, aio_pika.excep
 
 class PublishFailed(Exception):
     """The broker did not confirm the message (unreachable, nacked, returned or timed out)."""
-
-
-@dataclass(frozen=True, slots=True)
-class OutgoingMessage:
-    body: bytes
-    routing_key: str
-    message_id: str
-    headers: dict[str, int | str] = field(default_factory=dict)
 
 
 class EventPublisher:
@@ -131,12 +124,7 @@ class EventPublisher:
         if wire is None or not wire.is_open:
             return [self._failed("broker_unavailable") for _ in messages]
         try:
-            futures = wire.publish_many(
-                [
-                    Publication(self._exchange_name, m.routing_key, m.body, m.message_id, m.headers)
-                    for m in messages
-                ]
-            )
+            futures = wire.publish_many(self._exchange_name, messages)
         except WireError as exc:
             return [self._failed(str(exc) or "broker_unavailable") for _ in messages]
         try:

@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from functools import cache
 from pathlib import Path
+from typing import cast
 
 from redis import exceptions as redis_errors
 
@@ -33,7 +34,7 @@ class GateScripts:
         reply = await self.client.run(script, keys, args)
         if not isinstance(reply, list) or not all(isinstance(x, int) for x in reply):
             raise redis_errors.ResponseError(f"unexpected script reply {reply!r}")
-        return [int(x) for x in reply if isinstance(x, int)]
+        return cast(list[int], reply)
 
     async def close(self) -> None:
         await self.client.close()

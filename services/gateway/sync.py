@@ -101,7 +101,7 @@ async def sync_post(request: web.Request) -> web.Response:
             result = await gate.pipeline.capture(capture)
         except GateClosed as exc:
             return _gate_closed(request, exc)
-        _count(gate.context, capture, result)
+        _count(gate.context, result)
     if body.is_batch:
         return _batch_response(body, capture, result)
     assert result is not None
@@ -137,7 +137,7 @@ def _gate_closed(request: web.Request, exc: BaseException) -> web.Response:
     return error_response(500, "billing_gate_closed", gate_status="billing_gate_closed")
 
 
-def _count(context: GatewayContext, capture: CaptureRequest, result: CaptureResult) -> None:
+def _count(context: GatewayContext, result: CaptureResult) -> None:
     """SPEC §11 counters for one request: tallied here, added once per counter (not per event)."""
     allowed = overage = degraded = duplicate = rejected = 0
     for event_result in result.events:

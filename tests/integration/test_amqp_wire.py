@@ -6,7 +6,6 @@ Each test works in the session's own vhost; what it declares beyond the contract
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import uuid
 from collections.abc import AsyncIterator
 
@@ -14,8 +13,8 @@ import aio_pika
 import pytest
 
 from shared.amqp import INGEST_EXCHANGE, INGEST_QUEUE
-from shared.amqp_wire import ConfirmConnection, Publication, WireError
-from shared.publisher import EventPublisher, OutgoingMessage
+from shared.amqp_wire import ConfirmConnection, OutgoingMessage, WireError
+from shared.publisher import EventPublisher
 from tests.conftest import AMQP_HOST, AMQP_PORT
 from tests.support.proxy import TcpProxy
 
@@ -40,8 +39,8 @@ async def drain(amqp_url: str, queue_name: str = INGEST_QUEUE) -> list[aio_pika.
         return out
 
 
-def publication(body: bytes, routing_key: str = "event.wire", **headers: int | str) -> Publication:
-    return Publication(INGEST_EXCHANGE, routing_key, body, uuid.uuid4().hex, headers)
+def publication(body: bytes, routing_key: str = "event.wire", **headers: int | str) -> OutgoingMessage:
+    return OutgoingMessage(body, routing_key, uuid.uuid4().hex, headers)
 
 
 async def test_confirmed_messages_are_in_the_queue_with_the_contract_properties(
@@ -49,7 +48,7 @@ async def test_confirmed_messages_are_in_the_queue_with_the_contract_properties(
 ) -> None:
     small = publication(b'{"n":1}')
     big = publication(b"x" * 300_000, **{"x-event-count": 100})  # spans three body frames
-    latencies = await asyncio.gather(*wire.publish_many([small, big]))
+    latencies = await asyncio.gather(*wire.publish_many(INGEST_EXCHANGE, [small, big]))
     assert all(seconds >= 0 for seconds in latencies)
     assert wire.unconfirmed == 0
     messages = {m.message_id: m for m in await drain(amqp_url)}
@@ -66,7 +65,7 @@ async def test_unroutable_message_fails_and_its_neighbours_do_not(
     wire: ConfirmConnection, amqp_url: str
 ) -> None:
     routed, lost = publication(b"{}"), publication(b"{}", routing_key="nowhere.wire")
-    ok, unroutable = wire.publish_many([routed, lost])
+    ok, unroutable = wire.publish_many(INGEST_EXCHANGE, [routed, lost])
     assert await ok >= 0
     with pytest.raises(WireError, match="unroutable"):
         await unroutable
@@ -84,7 +83,7 @@ async def test_a_nack_fails_the_message(wire: ConfirmConnection, amqp_url: str) 
         q = await channel.declare_queue(queue, arguments={"x-max-length": 0, "x-overflow": "reject-publish"})
         await q.bind(ex)
         try:
-            [refused] = wire.publish_many([Publication(exchange, "", b"{}", "m-1", {})])
+            [refused] = wire.publish_many(exchange, [OutgoingMessage(b"{}", "", "m-1")])
             with pytest.raises(WireError, match="nacked"):
                 await refused
         finally:
@@ -107,19 +106,16 @@ async def test_an_unencodable_message_fails_alone_and_confirms_stay_matched(
         try:
             too_long_key = "é" * 128  # 256 bytes of UTF-8
             good, bad = wire.publish_many(
-                [
-                    Publication(exchange, "", b"1", "m-good", {}),
-                    Publication(exchange, too_long_key, b"2", "m-bad", {}),
-                ]
+                exchange, [OutgoingMessage(b"1", "", "m-good"), OutgoingMessage(b"2", too_long_key, "m-bad")]
             )
             with pytest.raises(WireError, match="unencodable"):
                 await bad
             assert await good >= 0  # the queue now holds its one message
-            [refused] = wire.publish_many([Publication(exchange, "", b"3", "m-full", {})])
+            [refused] = wire.publish_many(exchange, [OutgoingMessage(b"3", "", "m-full")])
             with pytest.raises(WireError, match="nacked"):
                 await refused
             await q.purge()
-            [accepted] = wire.publish_many([Publication(exchange, "", b"4", "m-after", {})])
+            [accepted] = wire.publish_many(exchange, [OutgoingMessage(b"4", "", "m-after")])
             assert await accepted >= 0
             assert wire.unconfirmed == 0
         finally:
@@ -128,13 +124,13 @@ async def test_an_unencodable_message_fails_alone_and_confirms_stay_matched(
 
 
 async def test_broker_closing_the_channel_fails_what_is_in_flight(wire: ConfirmConnection) -> None:
-    [doomed] = wire.publish_many([Publication(f"no-such-{uuid.uuid4().hex}", "k", b"{}", "m-2", {})])
+    [doomed] = wire.publish_many(f"no-such-{uuid.uuid4().hex}", [OutgoingMessage(b"{}", "k", "m-2")])
     with pytest.raises(WireError, match="404"):
         await doomed
     await asyncio.wait_for(wire.wait_closed(), timeout=5)
     assert not wire.is_open
     with pytest.raises(WireError):
-        wire.publish_many([publication(b"{}")])
+        wire.publish_many(INGEST_EXCHANGE, [publication(b"{}")])
 
 
 async def test_cut_connection_fails_every_pending_confirm(amqp_url: str) -> None:
@@ -143,7 +139,7 @@ async def test_cut_connection_fails_every_pending_confirm(amqp_url: str) -> None
     try:
         wire = await ConfirmConnection.open(f"amqp://guest:guest@127.0.0.1:{proxy.port}/{vhost}", timeout=5)
         proxy.enabled = False  # bytes stop flowing: no confirm can come back
-        futures = wire.publish_many([publication(b"{}") for _ in range(20)])
+        futures = wire.publish_many(INGEST_EXCHANGE, [publication(b"{}") for _ in range(20)])
         await proxy.cut()
         outcomes = await asyncio.wait_for(asyncio.gather(*futures, return_exceptions=True), timeout=5)
         assert all(isinstance(o, WireError) for o in outcomes)
@@ -152,69 +148,26 @@ async def test_cut_connection_fails_every_pending_confirm(amqp_url: str) -> None
         await proxy.close()
 
 
-class StallingProxy:
-    """Forwards to the broker; `stall()` stops reading what the client sends (a broker that does not
-    read: resource alarm, stuck socket) while the other direction keeps flowing."""
-
-    def __init__(self) -> None:
-        self.flowing = asyncio.Event()
-        self.flowing.set()
-        self._tasks: set[asyncio.Task[None]] = set()
-        self._writers: list[asyncio.StreamWriter] = []
-        self.port = 0
-
-    async def start(self) -> StallingProxy:
-        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
-        self.port = self._server.sockets[0].getsockname()[1]
-        return self
-
-    async def _accept(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
-        broker_r, broker_w = await asyncio.open_connection(AMQP_HOST, AMQP_PORT)
-        self._writers += [client_w, broker_w]
-        for task in (self._pipe(client_r, broker_w, gated=True), self._pipe(broker_r, client_w, gated=False)):
-            self._tasks.add(asyncio.ensure_future(task))
-
-    async def _pipe(self, src: asyncio.StreamReader, dst: asyncio.StreamWriter, *, gated: bool) -> None:
-        with contextlib.suppress(ConnectionError, OSError):
-            while True:
-                if gated:
-                    await self.flowing.wait()
-                data = await src.read(65536)
-                if not data:
-                    return
-                dst.write(data)
-                await dst.drain()
-
-    async def close(self) -> None:
-        for writer in self._writers:
-            writer.transport.abort()
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        self._server.close()
-        await self._server.wait_closed()
-
-
 async def test_a_broker_that_stops_reading_fails_publishes_fast_instead_of_buffering(amqp_url: str) -> None:
-    proxy = await StallingProxy().start()
+    proxy = await TcpProxy(AMQP_HOST, AMQP_PORT).start()
     vhost = amqp_url.rsplit("/", 1)[1]
     wire = await ConfirmConnection.open(f"amqp://guest:guest@127.0.0.1:{proxy.port}/{vhost}", timeout=5)
     try:
-        proxy.flowing.clear()
+        proxy.stall()
         written: list[asyncio.Future[float]] = []
         refused = None
         for _ in range(200):  # at most 200 MiB: kernel buffers, then our 8 MiB, then refusal
             try:
-                written += wire.publish_many([publication(b"x" * 1024 * 1024)])
+                written += wire.publish_many(INGEST_EXCHANGE, [publication(b"x" * 1024 * 1024)])
             except WireError as exc:
                 refused = exc
                 break
             await asyncio.sleep(0.01)
         assert refused is not None and str(refused) == "broker_not_reading"
         assert wire.is_open  # the connection is kept: the broker may come back
-        proxy.flowing.set()  # it reads again: what was written is confirmed, new publishes work
+        proxy.resume()  # it reads again: what was written is confirmed, new publishes work
         await asyncio.wait_for(asyncio.gather(*written), timeout=30)
-        [later] = wire.publish_many([publication(b"{}")])
+        [later] = wire.publish_many(INGEST_EXCHANGE, [publication(b"{}")])
         assert await asyncio.wait_for(later, timeout=10) >= 0
     finally:
         await wire.close()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -11,6 +12,22 @@ from redis import exceptions as redis_errors
 from shared.resp_wire import LuaScript, ScriptClient
 from tests.conftest import RedisServer, free_port
 from tests.support.proxy import TcpProxy
+
+
+@pytest.fixture
+async def silent_port() -> AsyncIterator[int]:
+    """A server that accepts connections, reads everything and never answers."""
+
+    async def swallow(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while await reader.read(65536):
+            pass
+        writer.close()
+
+    server = await asyncio.start_server(swallow, "127.0.0.1", 0)
+    yield server.sockets[0].getsockname()[1]
+    server.close()
+    await server.wait_closed()
+
 
 ECHO = LuaScript("return {tonumber(ARGV[1]), redis.call('INCRBY', KEYS[1], ARGV[1])}")
 
@@ -61,18 +78,10 @@ async def test_an_unencodable_argument_fails_alone_and_replies_stay_matched(redi
         await client.close()
 
 
-async def test_callers_waiting_for_a_hung_server_share_one_connect_timeout() -> None:
+async def test_callers_waiting_for_a_hung_server_share_one_connect_timeout(silent_port: int) -> None:
     """A server that accepts and never answers AUTH/SELECT: every waiting call fails after one timeout,
     not one timeout per caller queued ahead of it."""
-
-    async def swallow(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        while await reader.read(65536):
-            pass
-        writer.close()
-
-    server = await asyncio.start_server(swallow, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    client = ScriptClient(f"redis://127.0.0.1:{port}/3", timeout_s=0.3)
+    client = ScriptClient(f"redis://127.0.0.1:{silent_port}/3", timeout_s=0.3)
     loop = asyncio.get_running_loop()
     try:
         started = loop.time()
@@ -83,8 +92,6 @@ async def test_callers_waiting_for_a_hung_server_share_one_connect_timeout() -> 
         assert elapsed < 1.5  # serialised connects would take 8 x 0.3 s
     finally:
         await client.close()
-        server.close()
-        await server.wait_closed()
 
 
 async def test_dead_port_is_a_connection_error() -> None:
@@ -93,17 +100,9 @@ async def test_dead_port_is_a_connection_error() -> None:
         await client.run(ECHO, ["k"], [1])
 
 
-async def test_silent_server_times_out_and_fails_every_waiting_call() -> None:
+async def test_silent_server_times_out_and_fails_every_waiting_call(silent_port: int) -> None:
     """A server that accepts and never answers: calls time out instead of hanging the gate."""
-
-    async def swallow(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        while await reader.read(65536):
-            pass
-        writer.close()
-
-    server = await asyncio.start_server(swallow, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    client = ScriptClient(f"redis://127.0.0.1:{port}/0", timeout_s=0.3)
+    client = ScriptClient(f"redis://127.0.0.1:{silent_port}/0", timeout_s=0.3)
     try:
         calls = [client.run(ECHO, ["k"], [1]) for _ in range(5)]
         outcomes = await asyncio.gather(*calls, return_exceptions=True)
@@ -111,8 +110,6 @@ async def test_silent_server_times_out_and_fails_every_waiting_call() -> None:
         assert all(isinstance(o, redis_errors.TimeoutError | redis_errors.ConnectionError) for o in outcomes)
     finally:
         await client.close()
-        server.close()
-        await server.wait_closed()
 
 
 async def test_cut_connection_fails_fast_and_the_next_call_reconnects(redis_server: RedisServer) -> None:

@@ -8,7 +8,8 @@ import contextlib
 
 
 class TcpProxy:
-    """Forwards 127.0.0.1:<port> to a target; `cut()` drops every connection and refuses new ones."""
+    """Forwards 127.0.0.1:<port> to a target; `cut()` drops every connection and refuses new ones;
+    `stall()` stops reading what clients send (a server that stops reading: its replies still flow)."""
 
     def __init__(self, target_host: str, target_port: int) -> None:
         self.target_host = target_host
@@ -18,6 +19,8 @@ class TcpProxy:
         self._pipes: set[asyncio.Task[None]] = set()
         self._writers: set[asyncio.StreamWriter] = set()
         self.enabled = True
+        self.upstream_flowing = asyncio.Event()
+        self.upstream_flowing.set()
 
     async def start(self) -> TcpProxy:
         self._server = await asyncio.start_server(self._accept, "127.0.0.1", self.port)
@@ -34,15 +37,18 @@ class TcpProxy:
             writer.close()
             return
         self._writers.update((writer, up_writer))
-        for src, dst in ((reader, up_writer), (up_reader, writer)):
-            task = asyncio.create_task(self._pipe(src, dst))
+        for src, dst, gated in ((reader, up_writer, True), (up_reader, writer, False)):
+            task = asyncio.create_task(self._pipe(src, dst, gated=gated))
             self._pipes.add(task)
             task.add_done_callback(self._pipes.discard)
 
-    async def _pipe(self, src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+    async def _pipe(self, src: asyncio.StreamReader, dst: asyncio.StreamWriter, *, gated: bool) -> None:
         try:
-            while data := await src.read(65536):
-                if not self.enabled:
+            while True:
+                if gated:
+                    await self.upstream_flowing.wait()
+                data = await src.read(65536)
+                if not data or not self.enabled:
                     break
                 dst.write(data)
                 await dst.drain()
@@ -64,6 +70,13 @@ class TcpProxy:
 
     def restore(self) -> None:
         self.enabled = True
+
+    def stall(self) -> None:
+        """Leave what clients send unread (their send buffers fill up); `resume()` reads it again."""
+        self.upstream_flowing.clear()
+
+    def resume(self) -> None:
+        self.upstream_flowing.set()
 
     async def close(self) -> None:
         await self.cut()
