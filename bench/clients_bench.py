@@ -9,7 +9,8 @@
   at a time and 10 at once: client CPU per call.
 
 Each pair runs alternately three times, so drift on a shared machine hits both. Uses the vhost
-`rk-clients-bench` (created, deleted at the end) and Redis database 15 of the local server (flushed).
+`rk-clients-bench` (created, deleted at the end) and Redis database 15 of the local server (flushed);
+`--vhost` and `--redis-url` choose others.
 """
 
 from __future__ import annotations
@@ -75,8 +76,7 @@ async def confirmed_rate(publish_one: Callable[[], Awaitable[None]], seconds: fl
     )
 
 
-async def amqp_pair(seconds: float, in_flight: int) -> None:
-    url = f"{AMQP}/{VHOST}"
+async def amqp_pair(url: str, seconds: float, in_flight: int) -> None:
     control = await aio_pika.connect(url)
     channel = await control.channel(publisher_confirms=True)
     await declare_topology(channel)
@@ -105,10 +105,10 @@ async def amqp_pair(seconds: float, in_flight: int) -> None:
         await control.close()
 
 
-async def redis_pair(calls: int) -> None:
-    old_client = create_redis(REDIS)
+async def redis_pair(redis_url: str, calls: int) -> None:
+    old_client = create_redis(redis_url)
     old_script = old_client.register_script(script_source("rate_limit"))
-    scripts = GateScripts(REDIS)
+    scripts = GateScripts(redis_url)
     keys, args = ["rl:bench:203.0.113.9:1"], [1, 10**9, 120_000]
 
     async def via_redis_py() -> None:
@@ -146,13 +146,15 @@ async def main() -> None:
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--in-flight", type=int, default=64)
     parser.add_argument("--redis-calls", type=int, default=3000)
+    parser.add_argument("--vhost", default=VHOST, help="created, and deleted at the end")
+    parser.add_argument("--redis-url", default=REDIS, help="a database the bench may flush")
     options = parser.parse_args()
-    create_vhost(VHOST)
+    create_vhost(options.vhost)
     try:
-        await amqp_pair(options.seconds, options.in_flight)
+        await amqp_pair(f"{AMQP}/{options.vhost}", options.seconds, options.in_flight)
     finally:
-        delete_vhost(VHOST)
-    await redis_pair(options.redis_calls)
+        delete_vhost(options.vhost)
+    await redis_pair(options.redis_url, options.redis_calls)
 
 
 if __name__ == "__main__":

@@ -155,3 +155,25 @@ async def test_drain_counts_events_inside_batch_messages(amqp_url: str) -> None:
     assert (drained.messages, drained.events, drained.distinct_keys, drained.malformed) == (6, 12, 11, 0)
     again = await drain_queue(amqp_url, INGEST_QUEUE)
     assert (again.messages, again.events) == (0, 0)
+
+
+def test_clients_bench_measures_both_clients_in_its_own_vhost_and_redis(redis_server: Any) -> None:
+    """`python -m bench.clients_bench` runs end to end on a private vhost and Redis, and cleans up."""
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO_ROOT
+
+    vhost = f"rk-clients-test-{uuid.uuid4().hex[:8]}"
+    run = subprocess.run(
+        [sys.executable, "-m", "bench.clients_bench", "--seconds", "0.3", "--in-flight", "4",
+         "--redis-calls", "20", "--vhost", vhost, "--redis-url", redis_server.url(12)],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    lines = run.stdout.splitlines()
+    assert sum(line.startswith("AMQP  aio-pika") for line in lines) == 3
+    assert sum(line.startswith("AMQP  amqp_wire") for line in lines) == 3
+    assert sum(line.startswith("Redis resp_wire") for line in lines) == 3
+    listed = subprocess.run(["rabbitmqctl", "list_vhosts", "-q"], capture_output=True, text=True, check=True)
+    assert vhost not in listed.stdout.split()
