@@ -84,8 +84,9 @@ class Options:
     vhost: str
     keep: bool
     out_dir: Path
-    profile: str | None = None  # py-spy output format; profiles the product's first peak run
+    profile: str | None = None  # py-spy output format; profiles the product's first run of `profile_run`
     profile_native: bool = False
+    profile_run: str = "peak"  # "peak" or "half" (the paced run)
 
 
 def _env_int(name: str, default: int) -> int:
@@ -121,6 +122,8 @@ def parse_options(argv: Sequence[str] | None = None) -> Options:
                    help="record the product gateway (all workers) with py-spy during its first peak run; "
                         "bench/profile.sh sets this")
     p.add_argument("--profile-native", action="store_true", help="py-spy --native (C extension frames)")
+    p.add_argument("--profile-run", choices=("peak", "half"), default=env("PROFILE_RUN", "peak"),
+                   help="which run --profile records: the first peak run or the paced one [PROFILE_RUN]")
     a = p.parse_args(argv)
     targets = tuple(t.strip() for t in a.targets.split(",") if t.strip())
     unknown = [t for t in targets if t not in TARGETS]
@@ -136,7 +139,7 @@ def parse_options(argv: Sequence[str] | None = None) -> Options:
         workers=a.workers, targets=targets, half_fraction=a.half, warmup_s=max(0, a.warmup),
         gateway_log_level=a.gateway_log_level, product_db=env("BENCH_DB", "rk_bench"),
         naive_db=env("BENCH_NAIVE_DB", "bench"), vhost=env("BENCH_VHOST", "rk-bench"), keep=a.keep,
-        out_dir=a.out, profile=a.profile, profile_native=a.profile_native,
+        out_dir=a.out, profile=a.profile, profile_native=a.profile_native, profile_run=a.profile_run,
     )
 
 
@@ -428,11 +431,11 @@ class Bench:
     # ---- one wrk run ------------------------------------------------------------------------
 
     def _start_profiler(self, target: Target, server_pid: int, kind: str, send_s: float) -> str | None:
-        """py-spy on the gateway and its workers over the sending window of its first peak run."""
+        """py-spy on the gateway and its workers over the sending window of its first `profile_run` run."""
         fmt = self.opts.profile
-        if fmt is None or target.key != "product" or kind != "peak" or self.profiles:
+        if fmt is None or target.key != "product" or kind != self.opts.profile_run or self.profiles:
             return None
-        mode = f"batch{target.batch}" if target.batch else "single"
+        mode = (f"batch{target.batch}" if target.batch else "single") + ("-half" if kind == "half" else "")
         path = self.opts.out_dir / f"profile-{mode}-{datetime.now(UTC):%Y%m%dT%H%M%SZ}.{PROFILE_FORMATS[fmt]}"
         py_spy = str(Path(sys.executable).with_name("py-spy"))
         argv = [py_spy, "record", "--pid", str(server_pid), "--subprocesses", "--duration",

@@ -5,6 +5,7 @@
 #   bash bench/profile.sh --batch 50           # batches of 50
 #   PROFILE_FORMAT=speedscope bash bench/profile.sh   # open in https://www.speedscope.app
 #   PROFILE_NATIVE=1 bash bench/profile.sh     # include C frames (uvloop, asyncpg, orjson)
+#   PROFILE_RUN=half bash bench/profile.sh     # the run paced at half of the peak instead
 #
 # It runs the harness on the product alone (own database, vhost and Redis, as `make bench`): warm-up,
 # then one peak run during which `py-spy record --subprocesses` samples the gateway leader and all
@@ -18,7 +19,11 @@ if [ ! -x "$(dirname "$PY")/py-spy" ]; then
   echo "profile: installing py-spy (the [bench] extra of pyproject.toml)" >&2
   "$PY" -m pip install -q -e '.[dev,bench]'
 fi
-args=(--targets product --runs 1 --half 0 --profile "${PROFILE_FORMAT:-flamegraph}")
+if [ "${PROFILE_RUN:-peak}" = "half" ]; then
+  args=(--targets product --runs 1 --half 0.5 --profile "${PROFILE_FORMAT:-flamegraph}" --profile-run half)
+else
+  args=(--targets product --runs 1 --half 0 --profile "${PROFILE_FORMAT:-flamegraph}")
+fi
 if [ "${PROFILE_NATIVE:-0}" = "1" ]; then
   args+=(--profile-native)
 fi
