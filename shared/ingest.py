@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import enum
-import os
 import time
 import uuid
 from collections import OrderedDict
@@ -32,6 +31,7 @@ import redis.asyncio as aioredis
 from shared.amqp import ingest_routing_key
 from shared.batching import MicroBatcher
 from shared.idempotency import IdempotencyKey
+from shared.ids import new_ingest_id
 from shared.logging import get_logger
 from shared.months import year_month_of
 from shared.publisher import EventPublisher, OutgoingMessage
@@ -138,39 +138,6 @@ def _subtract(counts: dict[str, int], taken: dict[str, int]) -> None:
 
 class _RedisUnavailable(Exception):
     """Redis failed mid-group: run the group again with Postgres deciding quota."""
-
-
-class _RandomPool:
-    """Random bytes fetched from the OS 4 KiB at a time (one syscall per 256 ingest ids, not per id).
-
-    Cleared in a forked child, so parent and child never hand out the same bytes."""
-
-    CHUNK = 4096
-
-    def __init__(self) -> None:
-        self._bytes = b""
-        self._offset = 0
-        os.register_at_fork(after_in_child=self.clear)
-
-    def clear(self) -> None:
-        self._bytes, self._offset = b"", 0
-
-    def take16(self) -> bytes:
-        if self._offset + 16 > len(self._bytes):
-            self._bytes, self._offset = os.urandom(self.CHUNK), 0
-        start = self._offset
-        self._offset = start + 16
-        return self._bytes[start : start + 16]
-
-
-_RANDOM = _RandomPool()
-
-
-def new_ingest_id() -> str:
-    """A random (version 4) UUID, formatted without building a uuid.UUID (hot path: one per event)."""
-    h = _RANDOM.take16().hex()
-    variant = "89ab"[int(h[16], 16) & 3]
-    return f"{h[:8]}-{h[8:12]}-4{h[13:16]}-{variant}{h[17:20]}-{h[20:]}"
 
 
 _year_month_of = lru_cache(maxsize=256)(year_month_of)  # every event of a request shares one instant

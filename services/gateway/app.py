@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 from aiohttp import web
@@ -15,6 +14,7 @@ from services.gateway.responses import error_response
 from shared.billing_counters import BillingCounters
 from shared.buildinfo import resolve_build_info
 from shared.db import close_pool, create_pool
+from shared.ids import new_request_id
 from shared.logging import get_logger
 from shared.publisher import EventPublisher
 from shared.redis_client import create_redis
@@ -37,7 +37,7 @@ _HTTP_ERROR_CODES = {
 @web.middleware
 async def request_context(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Request id, build headers on every answer, JSON errors instead of HTML, one log line."""
-    request[REQUEST_ID] = rid = uuid.uuid4().hex
+    request[REQUEST_ID] = rid = new_request_id()
     started = time.perf_counter()
     try:
         response = await handler(request)

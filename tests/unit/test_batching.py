@@ -44,36 +44,3 @@ async def test_a_failed_batch_fails_its_items_only() -> None:
     with pytest.raises(ValueError):
         await batcher.submit(3)
     assert await asyncio.wait_for(batcher.submit(4), timeout=5) == 4
-
-
-def test_ingest_ids_are_version_4_uuids() -> None:
-    import uuid
-
-    from shared.ingest import new_ingest_id
-
-    ids = {new_ingest_id() for _ in range(2000)}
-    assert len(ids) == 2000
-    for value in list(ids)[:200]:
-        parsed = uuid.UUID(value)
-        assert str(parsed) == value and parsed.version == 4 and parsed.variant == uuid.RFC_4122
-
-
-def test_a_forked_child_never_repeats_the_parents_ingest_ids() -> None:
-    """Ids come from a buffer of OS randomness: a child forked with that buffer must not reuse it."""
-    import os
-
-    from shared.ingest import new_ingest_id
-
-    new_ingest_id()  # the buffer now holds unused bytes the child inherits
-    read_end, write_end = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # the child: send its next id, leave without running any test machinery
-        os.close(read_end)
-        os.write(write_end, new_ingest_id().encode())
-        os._exit(0)
-    os.close(write_end)
-    parent_next = new_ingest_id()
-    child_next = os.read(read_end, 64).decode()
-    os.close(read_end)
-    os.waitpid(pid, 0)
-    assert len(child_next) == 36 and child_next != parent_next
