@@ -188,6 +188,7 @@ class IngestPipeline:
         *,
         max_requests_per_group: int = 128,
         max_concurrent_groups: int = 6,
+        group_overlap_after_s: float | None = None,
         redis_retry_s: float = 1.0,
     ) -> None:
         self._pool = pool
@@ -200,6 +201,7 @@ class IngestPipeline:
             self._capture_group,
             max_items=max_requests_per_group,
             max_concurrency=max_concurrent_groups,
+            overlap_after_s=group_overlap_after_s,
             name="capture",
         )
 

@@ -40,6 +40,10 @@ CAPTURE_FAILED_RETRY_AFTER_S = 5
 # Concurrent capture groups per process. Few slots make requests that arrive while a group is in flight
 # share the next one: 2 beat 4 and 12 at peak and at half of peak (docs/performance.md).
 CAPTURE_SLOTS = 2
+# ...but the second slot opens only once the running group is this old: requests arriving during a
+# normal group wait for it and share the next (fewer, larger groups: less CPU per event), and a group
+# that stalls on an fsync does not hold up the requests behind it (docs/performance.md).
+CAPTURE_OVERLAP_AFTER_S = 0.012
 CORS_HEADERS = {
     "Access-Control-Allow-Methods": "POST, OPTIONS",
     "Access-Control-Allow-Headers": "Content-Type",
@@ -295,7 +299,8 @@ async def _sync_gate(app: web.Application) -> AsyncIterator[None]:
         ),
         rate_limiter=RateLimiter(scripts),
         pipeline=IngestPipeline(
-            capture_pool, context.redis, scripts, context.publisher, max_concurrent_groups=CAPTURE_SLOTS
+            capture_pool, context.redis, scripts, context.publisher, max_concurrent_groups=CAPTURE_SLOTS,
+            group_overlap_after_s=CAPTURE_OVERLAP_AFTER_S,
         ),
     )
     yield

@@ -44,3 +44,52 @@ async def test_a_failed_batch_fails_its_items_only() -> None:
     with pytest.raises(ValueError):
         await batcher.submit(3)
     assert await asyncio.wait_for(batcher.submit(4), timeout=5) == 4
+
+
+async def test_with_overlap_items_wait_for_a_young_batch_and_share_the_next() -> None:
+    seen: list[list[int]] = []
+    release = asyncio.Event()
+
+    async def run(items: list[int]) -> list[int]:
+        seen.append(items)
+        if items == [0]:
+            await release.wait()
+        return items
+
+    batcher: MicroBatcher[int, int] = MicroBatcher(
+        run, max_items=50, max_concurrency=2, overlap_after_s=60.0
+    )
+    first = asyncio.create_task(batcher.submit(0))
+    while not seen:
+        await asyncio.sleep(0)
+    later = [asyncio.create_task(batcher.submit(i)) for i in range(1, 6)]
+    for _ in range(20):  # plenty of loop turns: without the overlap rule a second batch would start
+        await asyncio.sleep(0)
+    assert seen == [[0]]
+    release.set()
+    assert await asyncio.gather(first, *later) == list(range(6))
+    assert seen == [[0], [1, 2, 3, 4, 5]]
+
+
+async def test_with_overlap_a_stalled_batch_lets_the_next_one_start() -> None:
+    seen: list[list[int]] = []
+    release = asyncio.Event()
+
+    async def run(items: list[int]) -> list[int]:
+        seen.append(items)
+        if items == [0]:
+            await release.wait()  # stalls until the test ends it
+        return items
+
+    batcher: MicroBatcher[int, int] = MicroBatcher(
+        run, max_items=50, max_concurrency=2, overlap_after_s=0.02
+    )
+    stalled = asyncio.create_task(batcher.submit(0))
+    while not seen:
+        await asyncio.sleep(0)
+    waiting = [asyncio.create_task(batcher.submit(i)) for i in (1, 2)]
+    # The second slot opens once the stalled batch is 20 ms old, and serves both waiting items.
+    assert await asyncio.wait_for(asyncio.gather(*waiting), timeout=5) == [1, 2]
+    assert seen == [[0], [1, 2]] and not stalled.done()
+    release.set()
+    assert await stalled == 0
