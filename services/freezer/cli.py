@@ -27,6 +27,7 @@ def cmd_freezer(args: argparse.Namespace, settings: Settings) -> int:
         freeze_check_interval_s=args.freeze_check_interval,
         retention_interval_s=args.retention_interval,
         freeze_chunk_sites=args.freeze_chunk_sites,
+        freeze_catch_up_months=args.freeze_catch_up_months,
     )
     freezer = Freezer(settings, config)
     if args.burst:
@@ -97,6 +98,12 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
         type=positive_float,
         default=defaults.freeze_check_interval_s,
         help="seconds between checks that the previous month is frozen",
+    )
+    p.add_argument(
+        "--freeze-catch-up-months",
+        type=positive_int,
+        default=defaults.freeze_catch_up_months,
+        help="at start-up, freeze every closed month this far back that some site with rows lacks",
     )
     p.add_argument(
         "--retention-interval",

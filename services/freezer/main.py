@@ -5,7 +5,8 @@ Commands (queue `freezer.commands`; replies are SPEC §9 bodies without `request
 adds): `freeze` (`{year_month?}`; the current or a future month is rejected with a 400 reply) and
 `retention` (partition maintenance + retention now; the report).
 Schedules: the freeze check every minute (it freezes the previous month once 00:10 UTC of the 1st has
-passed, and at start-up when that month was left unfrozen), retention daily and at start-up.
+passed; at start-up, every month of the last year left unfrozen, oldest first), retention daily and at
+start-up.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from shared.commands import CommandRejected, CommandRequest
 from shared.freeze import FreezeRefused, FreezeResult, freezable_month, freeze_month, scheduled_freeze_month
 from shared.freeze import unfrozen_site_count as count_unfrozen
 from shared.logging import get_logger
+from shared.months import add_months
 from shared.retention import RetentionReport, RetentionSettings, run_retention
 from shared.settings import Settings
 from shared.worker import Schedule, Worker
@@ -35,6 +37,9 @@ class FreezerConfig:
     """Process knobs beyond Settings (CLI flags; tests shorten them)."""
 
     freeze_check_interval_s: float = 60.0
+    # How far back the first freeze check of a process looks for closed months left unfrozen (a freezer
+    # that was down, or a month whose freeze failed); 1 = only the month that should be frozen by now.
+    freeze_catch_up_months: int = 12
     retention_interval_s: float = 86_400.0
     # While a retention run stopped at its per-run bound, the next one follows after this long.
     retention_busy_interval_s: float = 60.0
@@ -92,15 +97,24 @@ class Freezer:
         )
 
     async def freeze_schedule(self, now: datetime | None = None) -> bool:
-        """Freeze the month that should be closed by now when some site of it has no snapshot yet."""
-        month = scheduled_freeze_month(now or datetime.now(UTC))
-        if month == self.frozen_through:
+        """Freeze, oldest first, every closed month in which some site with rows has no snapshot yet:
+        at the first check the last `freeze_catch_up_months` months, then each month as it closes."""
+        due = scheduled_freeze_month(now or datetime.now(UTC))
+        if due == self.frozen_through:
             return False
-        unfrozen = await count_unfrozen(self.worker.pool, month)
-        if unfrozen:
-            log.info("freeze_due", year_month=month, unfrozen_sites=unfrozen)
-            await self.freeze(month, request_id=uuid.uuid4().hex, trigger="schedule")
-        self.frozen_through = month
+        oldest = (
+            add_months(due, 1 - self.config.freeze_catch_up_months)
+            if self.frozen_through is None
+            else add_months(self.frozen_through, 1)
+        )
+        month = oldest
+        while month <= due:
+            unfrozen = await count_unfrozen(self.worker.pool, month)
+            if unfrozen:
+                log.info("freeze_due", year_month=month, unfrozen_sites=unfrozen)
+                await self.freeze(month, request_id=uuid.uuid4().hex, trigger="schedule")
+            month = add_months(month, 1)
+        self.frozen_through = due
         return False
 
     async def retention(self) -> RetentionReport:

@@ -121,8 +121,10 @@ async def freezer(settings: Settings) -> AsyncIterator[Freezer]:
     """The freezer worker, in this process, consuming freezer.commands of the test's vhost."""
     worker = Freezer(
         settings,
+        # Only the month due by now at start-up: MONTH (3 months back) is left to each test's command.
         FreezerConfig(
-            http_port=0, freeze_check_interval_s=3600, retention_interval_s=3600, drain_timeout_s=5
+            http_port=0, freeze_check_interval_s=3600, retention_interval_s=3600, drain_timeout_s=5,
+            freeze_catch_up_months=1,
         ),
     )
     await worker.worker.start()
@@ -273,29 +275,42 @@ async def test_schedule_freezes_the_closed_month_once_its_grace_has_passed(
     assert await db.fetchval("SELECT count(*) FROM billing_audit_log WHERE action = 'invoice_freeze'") == 1
 
 
-async def test_freezer_freezes_an_unfrozen_month_at_start_up(
+async def test_freezer_freezes_every_month_left_unfrozen_at_start_up(
     db: asyncpg.Connection, settings: Settings
 ) -> None:
+    """A freezer that was down for months freezes each closed month it missed, not just the last."""
     from shared.freeze import scheduled_freeze_month
 
     due = scheduled_freeze_month(datetime.now(UTC))
-    await db.execute("SELECT ingest_idempotency_ensure_partitions($1::date, 1)", month_first_day(due))
+    missed = add_months(due, -3)
     site = await db.fetchval("INSERT INTO sites (public_id) VALUES ('startup') RETURNING id")
-    await add_rows(db, site, due, 6, day=2)
+    for month, count in ((due, 6), (missed, 4)):
+        await db.execute("SELECT ingest_idempotency_ensure_partitions($1::date, 1)", month_first_day(month))
+        await add_rows(db, site, month, count, day=2)
     worker = Freezer(
         settings, FreezerConfig(http_port=0, freeze_check_interval_s=3600, retention_interval_s=3600)
     )
     await worker.worker.start()
     try:
-        snap = await poll(
-            lambda: db.fetchrow(
-                "SELECT * FROM invoice_snapshot WHERE site_id = $1 AND year_month = $2", site, due
+        async def both_snapshots() -> list[asyncpg.Record] | None:
+            rows = await db.fetch(
+                "SELECT * FROM invoice_snapshot WHERE site_id = $1 AND year_month = ANY ($2::text[])",
+                site, [due, missed],
             )
-        )
+            return rows if len(rows) == 2 else None
+
+        snaps = await poll(both_snapshots)
     finally:
         await worker.worker.stop()
-    assert (snap["event_count"], snap["overage_count"]) == (6, 0)
-    assert snap["snapshot_hash"] == independent_hash(site, due, 6, 0, "testsha")
+    by_month = {snap["year_month"]: snap for snap in snaps}
+    for month, count in ((due, 6), (missed, 4)):
+        snap = by_month[month]
+        assert (snap["event_count"], snap["overage_count"]) == (count, 0)
+        assert snap["snapshot_hash"] == independent_hash(site, month, count, 0, "testsha")
+    frozen = await db.fetch(
+        "SELECT year_month FROM billing_audit_log WHERE action = 'invoice_freeze' ORDER BY id"
+    )
+    assert [r["year_month"] for r in frozen] == [missed, due]  # oldest first
 
 
 def test_revkernel_freeze_cli_runs_directly(settings: Settings, month_rows: Month) -> None:
@@ -453,7 +468,7 @@ async def test_revkernel_freezer_process_serves_commands_health_and_stops_on_sig
     port = free_port()
     env = {**settings_env(settings), "FREEZER_HTTP_PORT": str(port)}
     proc = await asyncio.create_subprocess_exec(
-        REVKERNEL, "freezer", env=env, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE
+        REVKERNEL, "freezer", "--freeze-catch-up-months", "1", env=env, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE
     )
     try:
         async with aiohttp.ClientSession() as http:
