@@ -507,6 +507,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     opts.out_dir.mkdir(parents=True, exist_ok=True)
     signal.signal(signal.SIGTERM, _sigterm)
     started = datetime.now(UTC)
+    summary = opts_summary(opts, argv)  # now: the commit under test, not whatever lands during the run
     with asyncio.Runner() as runner:
         bench = Bench(opts, runner)
         try:
@@ -515,7 +516,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         finally:
             bench.teardown()
     results = bench.results
-    text = report.render(opts_summary(opts, argv), results, started, datetime.now(UTC))
+    text = report.render(summary, results, started, datetime.now(UTC))
     print(text)
     mode = f"batch{opts.batch}" if opts.batch else "single"
     path = opts.out_dir / f"bench-{mode}-{started:%Y%m%dT%H%M%SZ}.md"
