@@ -468,7 +468,8 @@ async def test_revkernel_freezer_process_serves_commands_health_and_stops_on_sig
     port = free_port()
     env = {**settings_env(settings), "FREEZER_HTTP_PORT": str(port)}
     proc = await asyncio.create_subprocess_exec(
-        REVKERNEL, "freezer", "--freeze-catch-up-months", "1", env=env, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE
+        REVKERNEL, "freezer", "--freeze-catch-up-months", "1",
+        env=env, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
     )
     try:
         async with aiohttp.ClientSession() as http:
