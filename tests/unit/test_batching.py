@@ -46,7 +46,10 @@ async def test_a_failed_batch_fails_its_items_only() -> None:
     assert await asyncio.wait_for(batcher.submit(4), timeout=5) == 4
 
 
-async def test_with_overlap_items_wait_for_a_young_batch_and_share_the_next() -> None:
+async def overlap_batcher(
+    overlap_after_s: float,
+) -> tuple[MicroBatcher[int, int], list[list[int]], asyncio.Event, asyncio.Task[int]]:
+    """A two-slot batcher whose first batch, item 0, is running and holds until the event is set."""
     seen: list[list[int]] = []
     release = asyncio.Event()
 
@@ -57,11 +60,16 @@ async def test_with_overlap_items_wait_for_a_young_batch_and_share_the_next() ->
         return items
 
     batcher: MicroBatcher[int, int] = MicroBatcher(
-        run, max_items=50, max_concurrency=2, overlap_after_s=60.0
+        run, max_items=50, max_concurrency=2, overlap_after_s=overlap_after_s
     )
     first = asyncio.create_task(batcher.submit(0))
     while not seen:
         await asyncio.sleep(0)
+    return batcher, seen, release, first
+
+
+async def test_with_overlap_items_wait_for_a_young_batch_and_share_the_next() -> None:
+    batcher, seen, release, first = await overlap_batcher(60.0)
     later = [asyncio.create_task(batcher.submit(i)) for i in range(1, 6)]
     for _ in range(20):  # plenty of loop turns: without the overlap rule a second batch would start
         await asyncio.sleep(0)
@@ -72,21 +80,7 @@ async def test_with_overlap_items_wait_for_a_young_batch_and_share_the_next() ->
 
 
 async def test_with_overlap_a_stalled_batch_lets_the_next_one_start() -> None:
-    seen: list[list[int]] = []
-    release = asyncio.Event()
-
-    async def run(items: list[int]) -> list[int]:
-        seen.append(items)
-        if items == [0]:
-            await release.wait()  # stalls until the test ends it
-        return items
-
-    batcher: MicroBatcher[int, int] = MicroBatcher(
-        run, max_items=50, max_concurrency=2, overlap_after_s=0.02
-    )
-    stalled = asyncio.create_task(batcher.submit(0))
-    while not seen:
-        await asyncio.sleep(0)
+    batcher, seen, release, stalled = await overlap_batcher(0.02)
     waiting = [asyncio.create_task(batcher.submit(i)) for i in (1, 2)]
     # The second slot opens once the stalled batch is 20 ms old, and serves both waiting items.
     assert await asyncio.wait_for(asyncio.gather(*waiting), timeout=5) == [1, 2]
