@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import aio_pika
@@ -21,6 +22,14 @@ COMMAND_DELIVERY_LIMIT = 5
 def ingest_routing_key(site_public_id: str) -> str:
     """Routing key of an accepted event: `event.<site_public_id>`."""
     return f"event.{site_public_id}"
+
+
+def reconnect_delays(first_s: float = 0.2, cap_s: float = 5.0) -> Iterator[float]:
+    """Seconds to wait before each further connection attempt: doubling from `first_s` up to `cap_s`."""
+    delay = first_s
+    while True:
+        yield delay
+        delay = min(delay * 2, cap_s)
 
 
 async def connect_robust(url: str, **kwargs: Any) -> AbstractRobustConnection:

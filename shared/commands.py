@@ -32,7 +32,13 @@ from aio_pika.abc import (
     AbstractRobustConnection,
 )
 
-from shared.amqp import COMMAND_DELIVERY_LIMIT, COMMANDS_EXCHANGE, connect_robust, declare_topology
+from shared.amqp import (
+    COMMAND_DELIVERY_LIMIT,
+    COMMANDS_EXCHANGE,
+    connect_robust,
+    declare_topology,
+    reconnect_delays,
+)
 from shared.logging import get_logger
 
 log = get_logger("commands")
@@ -155,7 +161,7 @@ class CommandClient:
         self._task = asyncio.create_task(self._connect_forever(), name="command-client-connect")
 
     async def _connect_forever(self) -> None:
-        delay = 0.2
+        delays = reconnect_delays()
         while not self._closing:
             try:
                 await self._connect()
@@ -165,8 +171,7 @@ class CommandClient:
             except (TimeoutError, OSError, aio_pika.exceptions.AMQPError) as exc:
                 log.warning("command_client_connect_failed", error=str(exc) or type(exc).__name__)
                 await self._discard_connection()
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
+                await asyncio.sleep(next(delays))
 
     async def _connect(self) -> None:
         connection = await connect_robust(self._url, timeout=self._connect_timeout_s)

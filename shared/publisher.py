@@ -14,7 +14,7 @@ import aio_pika
 from aio_pika.abc import AbstractRobustConnection
 
 from shared import prom
-from shared.amqp import INGEST_EXCHANGE, connect_robust, declare_topology
+from shared.amqp import INGEST_EXCHANGE, connect_robust, declare_topology, reconnect_delays
 from shared.amqp_wire import ConfirmConnection, OutgoingMessage, WireError
 from shared.logging import get_logger
 
@@ -56,7 +56,7 @@ class EventPublisher:
 
     async def _supervise(self) -> None:
         """Keep a confirm connection open: connect with backoff, wait for it to drop, repeat."""
-        delay = 0.2
+        delays = reconnect_delays()
         while not self._closing:
             wire: ConfirmConnection | None = None
             try:
@@ -65,11 +65,11 @@ class EventPublisher:
             except CONNECT_ERRORS as exc:
                 if wire is not None:
                     wire.abort()
+                delay = next(delays)
                 log.warning("amqp_connect_failed", error=str(exc) or type(exc).__name__, retry_in_s=delay)
                 await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
                 continue
-            self._wire, delay = wire, 0.2
+            self._wire, delays = wire, reconnect_delays()
             if self._closing:
                 return
             self.connected.set()
@@ -91,14 +91,13 @@ class EventPublisher:
 
     async def _open_control(self) -> None:
         """The robust control connection for the queue-depth probe (it reconnects by itself once made)."""
-        delay = 0.2
+        delays = reconnect_delays()
         while not self._closing and self._control is None:
             try:
                 self._control = await connect_robust(self._url, timeout=3)
             except CONNECT_ERRORS as exc:
                 log.warning("amqp_control_connect_failed", error=str(exc) or type(exc).__name__)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
+                await asyncio.sleep(next(delays))
 
     @property
     def connection(self) -> AbstractRobustConnection | None:

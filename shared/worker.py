@@ -29,7 +29,7 @@ from aio_pika.abc import AbstractChannel, AbstractRobustConnection
 from aiohttp import web
 
 from shared import worker_metrics
-from shared.amqp import connect_robust, declare_topology
+from shared.amqp import connect_robust, declare_topology, reconnect_delays
 from shared.commands import CommandConsumer, CommandHandler
 from shared.db import create_pool
 from shared.logging import get_logger
@@ -169,7 +169,7 @@ class Worker:
         log.info("worker_started", worker=self.name, http_port=self.http_port, queue=self.command_queue)
 
     async def _connect_amqp(self, *, consume: bool) -> None:
-        delay = 0.2
+        delays = reconnect_delays()
         while not self._stopping:
             connection: AbstractRobustConnection | None = None
             try:
@@ -179,6 +179,7 @@ class Worker:
                 if consume:
                     await self.consumer.start(channel)
             except (OSError, TimeoutError, aio_pika.exceptions.AMQPError) as exc:
+                delay = next(delays)
                 log.warning(
                     "worker_amqp_connect_failed", error=str(exc) or type(exc).__name__, retry_in_s=delay
                 )
@@ -186,7 +187,6 @@ class Worker:
                     with contextlib.suppress(Exception):
                         await connection.close()
                 await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
                 continue
             self.connection, self.channel = connection, channel
             log.info("worker_amqp_connected", worker=self.name)

@@ -84,3 +84,11 @@ def test_broker_address_from_url(url: str, expected: BrokerAddress) -> None:
 def test_tls_urls_are_refused_rather_than_sent_in_clear() -> None:
     with pytest.raises(ValueError):
         BrokerAddress.from_url("amqps://guest:guest@broker/")
+
+
+def test_reconnect_delays_double_up_to_their_cap() -> None:
+    from itertools import islice
+
+    from shared.amqp import reconnect_delays
+
+    assert list(islice(reconnect_delays(), 7)) == [0.2, 0.4, 0.8, 1.6, 3.2, 5.0, 5.0]
