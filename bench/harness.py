@@ -119,7 +119,7 @@ def parse_options(argv: Sequence[str] | None = None) -> Options:
                    help="keep the rk_bench database and the vhost afterwards [BENCH_KEEP=1]")
     p.add_argument("--out", type=Path, default=Path(env("BENCH_OUT", str(BENCH_DIR / "out"))))
     p.add_argument("--profile", choices=PROFILE_FORMATS,
-                   help="record the product gateway (all workers) with py-spy during its first peak run; "
+                   help="py-spy the product gateway (all workers) during one run (--profile-run); "
                         "bench/profile.sh sets this")
     p.add_argument("--profile-native", action="store_true", help="py-spy --native (C extension frames)")
     p.add_argument("--profile-run", choices=("peak", "half"), default=env("PROFILE_RUN", "peak"),

@@ -102,12 +102,11 @@ class Freezer:
         due = scheduled_freeze_month(now or datetime.now(UTC))
         if due == self.frozen_through:
             return False
-        oldest = (
+        month = (  # the oldest month to check
             add_months(due, 1 - self.config.freeze_catch_up_months)
             if self.frozen_through is None
             else add_months(self.frozen_through, 1)
         )
-        month = oldest
         while month <= due:
             unfrozen = await count_unfrozen(self.worker.pool, month)
             if unfrozen:

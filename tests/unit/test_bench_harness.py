@@ -8,7 +8,7 @@ from datetime import UTC, datetime
 
 import pytest
 
-from bench.harness import LossCheck, RunResult, TargetResult, judge
+from bench.harness import LossCheck, RunResult, TargetResult, judge, parse_options
 from bench.procs import count_listeners
 from bench.procstat import (
     CLK_TCK,
@@ -265,3 +265,11 @@ def test_render_reports_skipped_product_and_loss_table() -> None:
     assert "product gateway: not measured: not wired" in text
     assert "no product ratios" in text
     assert "| seed | 1 | 100 / 1,200 |" in text
+
+
+def test_profile_run_chooses_which_run_is_profiled(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("PROFILE_RUN", raising=False)
+    assert parse_options(["--profile", "raw"]).profile_run == "peak"
+    assert parse_options(["--profile", "raw", "--profile-run", "half"]).profile_run == "half"
+    monkeypatch.setenv("PROFILE_RUN", "half")  # how bench/profile.sh passes it
+    assert parse_options(["--profile", "raw"]).profile_run == "half"
