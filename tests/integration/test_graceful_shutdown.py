@@ -1,5 +1,6 @@
 """SIGTERM to a `revkernel gateway` under load (SPEC §13: drains in-flight work and exits 0): every
-request that was answered 200 has its idempotency row and its message in `ingest.events`."""
+request that was answered 200 has its idempotency row, its message in `ingest.events` and its line in
+the (batched) access log."""
 
 from __future__ import annotations
 
@@ -113,3 +114,10 @@ async def test_sigterm_under_load_loses_no_accepted_event(
     assert all(published[tag]["ingest_id"] == ok[tag]["ingest_id"] for tag in ok)
     # Nothing half-done either: every row that exists was published (no answer lost on the way out).
     assert set(by_tag) <= set(published)
+    # The access log is written in batches: the lines still buffered at SIGTERM went out before the exit.
+    logged_ok = sum(
+        1
+        for line in gateway.log_path.read_text(errors="replace").splitlines()
+        if line.startswith("{") and '"event":"request"' in line and '"status":200' in line
+    )
+    assert len(ok) <= logged_ok <= len(ok) + load.failed, (logged_ok, len(ok), load.failed)
