@@ -18,6 +18,10 @@ from shared.redis_scripts import GateScripts
 from shared.settings import IpNetwork
 
 WINDOW_MS = 60_000
+# A second Redis call opens only once the running one is this old: checks arriving meanwhile share the
+# next call (fewer, larger calls: +3-5 % single events/s at the bench peak, docs/performance.md), and a
+# call stalled on Redis does not hold up the requests behind it.
+OVERLAP_AFTER_S = 0.003
 REDIS_ERRORS = (aioredis.RedisError, OSError, TimeoutError)
 
 log = get_logger("rate_limit")
@@ -102,13 +106,23 @@ class LocalRateLimiter:
 class RateLimiter:
     """Checks of concurrent requests share one Redis script call."""
 
-    def __init__(self, scripts: GateScripts, *, redis_retry_s: float = 1.0) -> None:
+    def __init__(
+        self,
+        scripts: GateScripts,
+        *,
+        redis_retry_s: float = 1.0,
+        overlap_after_s: float | None = OVERLAP_AFTER_S,
+    ) -> None:
         self._scripts = scripts
         self._local = LocalRateLimiter()
         self._redis_down_until = 0.0
         self._redis_retry_s = redis_retry_s
         self._batcher: MicroBatcher[RateLimitAsk, RateLimitVerdict] = MicroBatcher(
-            self._check_many, max_items=256, max_concurrency=2, name="rate-limit"
+            self._check_many,
+            max_items=256,
+            max_concurrency=2,
+            overlap_after_s=overlap_after_s,
+            name="rate-limit",
         )
 
     async def check(self, site_id: UUID, ip: str, units: int, limit: int) -> RateLimitVerdict:

@@ -19,7 +19,7 @@ import asyncio
 import hashlib
 from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import cast
 from urllib.parse import unquote, urlsplit
 
@@ -31,13 +31,14 @@ Reply = int | bytes | str | None | list["Reply"] | redis_errors.ResponseError
 
 @dataclass(frozen=True, slots=True)
 class LuaScript:
-    """A script's source and its SHA-1 (the EVALSHA handle)."""
+    """A script's source and its SHA-1 (the EVALSHA handle), computed once."""
 
     source: str
+    sha: str = field(init=False)
 
-    @property
-    def sha(self) -> str:
-        return hashlib.sha1(self.source.encode()).hexdigest()  # noqa: S324 - Redis's script id, not security
+    def __post_init__(self) -> None:
+        sha = hashlib.sha1(self.source.encode()).hexdigest()  # noqa: S324 - Redis's script id, not security
+        object.__setattr__(self, "sha", sha)
 
 
 @dataclass(frozen=True, slots=True)
