@@ -77,6 +77,7 @@ class Options:
     workers: int
     targets: tuple[str, ...]
     half_fraction: float
+    half_runs: int
     warmup_s: int
     gateway_log_level: str
     product_db: str
@@ -110,7 +111,10 @@ def parse_options(argv: Sequence[str] | None = None) -> Options:
     p.add_argument("--targets", default=env("BENCH_TARGETS", ",".join(TARGETS)),
                    help="comma-separated subset of seed,bare,product [BENCH_TARGETS]")
     p.add_argument("--half", type=float, default=float(env("BENCH_HALF", "0.5")),
-                   help="paced run at this fraction of the peak rate; 0 skips it [BENCH_HALF=0.5]")
+                   help="paced runs at this fraction of the peak rate; 0 skips them [BENCH_HALF=0.5]")
+    p.add_argument("--half-runs", type=int, default=None,
+                   help="paced runs per target; the table shows the median p99 [BENCH_HALF_RUNS, "
+                        "default: as many as --runs]")
     p.add_argument("--warmup", type=int, default=_env_int("BENCH_WARMUP", 3),
                    help="seconds of unmeasured load before the runs [BENCH_WARMUP=3]")
     p.add_argument("--gateway-log-level", default=env("BENCH_GATEWAY_LOG_LEVEL", "info"),
@@ -131,12 +135,15 @@ def parse_options(argv: Sequence[str] | None = None) -> Options:
         p.error(f"--targets: choose among {', '.join(TARGETS)} (got {a.targets!r})")
     if a.batch < 0 or a.batch > 100:
         p.error("--batch must be between 0 and 100 (SPEC §3)")
-    if a.runs < 1 or a.connections < a.threads or a.workers < 1 or not 0 <= a.half < 1:
-        p.error("need --runs >= 1, --connections >= --threads, --workers >= 1, 0 <= --half < 1")
+    half_runs = a.half_runs if a.half_runs is not None else _env_int("BENCH_HALF_RUNS", a.runs)
+    if a.runs < 1 or a.connections < a.threads or a.workers < 1 or not 0 <= a.half < 1 or half_runs < 1:
+        p.error("need --runs >= 1, --half-runs >= 1, --connections >= --threads, --workers >= 1, "
+                "0 <= --half < 1")
     send_window_s(a.duration)  # validates the duration
     return Options(
         batch=a.batch, duration_s=a.duration, runs=a.runs, connections=a.connections, threads=a.threads,
-        workers=a.workers, targets=targets, half_fraction=a.half, warmup_s=max(0, a.warmup),
+        workers=a.workers, targets=targets, half_fraction=a.half, half_runs=half_runs,
+        warmup_s=max(0, a.warmup),
         gateway_log_level=a.gateway_log_level, product_db=env("BENCH_DB", "rk_bench"),
         naive_db=env("BENCH_NAIVE_DB", "bench"), vhost=env("BENCH_VHOST", "rk-bench"), keep=a.keep,
         out_dir=a.out, profile=a.profile, profile_native=a.profile_native, profile_run=a.profile_run,
@@ -217,7 +224,7 @@ class TargetResult:
     label: str
     batch: int
     runs: list[RunResult] = field(default_factory=list)
-    half: RunResult | None = None
+    halves: list[RunResult] = field(default_factory=list)  # the paced runs
     skipped: str | None = None
     exit_code: int | None = None
 
@@ -408,15 +415,19 @@ class Bench:
                     continue
                 entry.result.runs.append(run)
                 self.log(f"{entry.target.key}: run {i + 1}/{self.opts.runs} {self._line(run)}")
-        for entry in live if self.opts.half_fraction else []:
-            peak = statistics.median(r.wrk.requests_per_s for r in entry.result.runs)
-            rate = self.opts.half_fraction * peak
-            try:
-                entry.result.half = self.run_load(entry.target, entry.pid, "half", self.opts.duration_s, rate)
-            except FAILURES as exc:
-                self.fail(entry.result, exc)
-                continue
-            self.log(f"{entry.target.key}: paced at {rate:,.0f} req/s {self._line(entry.result.half)}")
+        for i in range(self.opts.half_runs if self.opts.half_fraction else 0):
+            for entry in list(live):  # round-robin too: a checkpoint or a stall lands on one run, not all
+                peak = statistics.median(r.wrk.requests_per_s for r in entry.result.runs)
+                rate = self.opts.half_fraction * peak
+                try:
+                    run = self.run_load(entry.target, entry.pid, "half", self.opts.duration_s, rate)
+                except FAILURES as exc:
+                    self.fail(entry.result, exc)
+                    live.remove(entry)
+                    continue
+                entry.result.halves.append(run)
+                self.log(f"{entry.target.key}: paced run {i + 1}/{self.opts.half_runs} at {rate:,.0f} req/s "
+                         f"{self._line(run)}")
         for entry in live:
             entry.result.exit_code = self.launcher.stop(entry.target.key)
 
@@ -522,19 +533,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     path = opts.out_dir / f"bench-{mode}-{started:%Y%m%dT%H%M%SZ}.md"
     path.write_text(text)
     print(f"[bench] report written to {path}", file=sys.stderr)
-    checks = [run.loss for r in results for run in [*r.runs, *([r.half] if r.half else [])]]
+    checks = [run.loss for r in results for run in [*r.runs, *r.halves]]
     if any(r.skipped and r.skipped.startswith("failed") for r in results):
         return 2
     return 1 if any(c is not None and not c.ok for c in checks) else 0
 
 def opts_summary(opts: Options, argv: Sequence[str] | None) -> dict[str, str]:
     args = list(sys.argv[1:] if argv is None else argv)
+    paced = (f", {opts.half_runs} run(s) paced at {opts.half_fraction:g} x the median peak rate (median p99 "
+             "shown)") if opts.half_fraction else ""
     return {
         "command": "bash bench/run.sh" + (" " + " ".join(args) if args else ""),
         "load": (f"wrk -t{opts.threads} -c{opts.connections} -d{opts.duration_s}s --latency -s bench/load.lua"
                  f" (batch={opts.batch}), {opts.runs} peak run(s) per target (median shown), warm-up "
-                 f"{opts.warmup_s} s" + (f", one run paced at {opts.half_fraction:g} x the median peak rate"
-                                         if opts.half_fraction else "")),
+                 f"{opts.warmup_s} s{paced}"),
         "servers": f"{opts.workers} processes each (SO_REUSEPORT); "
                    f"product LOG_LEVEL={opts.gateway_log_level}",
         "machine": f"{_cpu_model()}, {os.cpu_count()} CPUs, {platform.system()} {platform.release()}",

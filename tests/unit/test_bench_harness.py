@@ -273,3 +273,26 @@ def test_profile_run_chooses_which_run_is_profiled(monkeypatch: pytest.MonkeyPat
     assert parse_options(["--profile", "raw", "--profile-run", "half"]).profile_run == "half"
     monkeypatch.setenv("PROFILE_RUN", "half")  # how bench/profile.sh passes it
     assert parse_options(["--profile", "raw"]).profile_run == "half"
+
+
+def test_paced_runs_default_to_as_many_as_peak_runs(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("BENCH_HALF_RUNS", raising=False)
+    monkeypatch.delenv("BENCH_RUNS", raising=False)
+    assert parse_options([]).half_runs == 3
+    assert parse_options(["--runs", "1"]).half_runs == 1  # bench/profile.sh: one peak run, one paced
+    assert parse_options(["--runs", "1", "--half-runs", "2"]).half_runs == 2
+    monkeypatch.setenv("BENCH_HALF_RUNS", "5")
+    assert parse_options([]).half_runs == 5
+
+
+def test_the_half_peak_cell_shows_the_median_p99_and_every_run() -> None:
+    product = _target("product", [6000, 6200, 5800])
+    for p99_ms in (48.0, 17.5, 19.0):
+        paced = _target("product", [3000], p99_ms=p99_ms).runs[0]
+        paced.kind, paced.target_rate = "half", 3000.0
+        product.halves.append(paced)
+    text = render({"command": "x"}, [product], datetime(2026, 1, 1, tzinfo=UTC),
+                  datetime(2026, 1, 1, 0, 5, tzinfo=UTC))
+    assert "| **19.00** (runs 48.0, 17.5, 19.0; at 3,000 ev/s) |" in text
+    assert "ok (6 runs, exact)" in text
+    assert "| product | ½ peak 3 |" in text
