@@ -7,6 +7,8 @@ import atexit
 import logging
 import sys
 import threading
+from collections.abc import Callable
+from datetime import UTC, datetime
 from typing import Any, TextIO
 
 import orjson
@@ -17,6 +19,7 @@ DEFAULT_FLUSH_AFTER_S = 0.1
 MAX_BUFFERED_CHARS = 64 * 1024
 
 _sink: BufferedLineLogger | None = None
+_write_request_line: Callable[[str], Any] | None = None  # None while info lines are filtered out
 
 
 def _dumps(obj: Any, default: Any = None) -> str:
@@ -92,7 +95,7 @@ def configure_logging(level: str = "info", stream: Any = None, *, flush_after_s:
     With `flush_after_s` > 0, structlog's debug and info lines are written in batches
     (`BufferedLineLogger`); call `flush_logs()` before the process ends.
     """
-    global _sink
+    global _sink, _write_request_line
     numeric = logging.getLevelName(level.upper())
     if not isinstance(numeric, int):
         numeric = logging.INFO
@@ -105,9 +108,13 @@ def configure_logging(level: str = "info", stream: Any = None, *, flush_after_s:
         sink = _sink = BufferedLineLogger(stream or sys.stderr, flush_after_s)
         atexit.register(sink.flush)
         logger_factory = lambda *_args: sink  # noqa: E731 - one sink for every logger
+        write_line: Callable[[str], Any] = sink.info
     else:
         _sink = None
-        logger_factory = structlog.PrintLoggerFactory(stream or sys.stderr)
+        print_logger = structlog.PrintLogger(stream or sys.stderr)
+        logger_factory = lambda *_args: print_logger  # noqa: E731 - one writer for every logger
+        write_line = print_logger.info
+    _write_request_line = write_line if numeric <= logging.INFO else None
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
@@ -120,6 +127,18 @@ def configure_logging(level: str = "info", stream: Any = None, *, flush_after_s:
         logger_factory=logger_factory,
         cache_logger_on_first_use=True,
     )
+
+
+def log_request(component: str, **fields: Any) -> None:
+    """The access log's line (info, `"event":"request"`), shaped as structlog shapes every other line
+    but without its processor chain: this runs once per request. Context variables are not merged
+    into it; the gateway binds none."""
+    write = _write_request_line
+    if write is None:
+        return
+    timestamp = datetime.now(UTC).isoformat().replace("+00:00", "Z")
+    line = {"component": component, **fields, "event": "request", "level": "info", "timestamp": timestamp}
+    write(orjson.dumps(line).decode())
 
 
 def flush_logs() -> None:

@@ -15,7 +15,7 @@ from shared.billing_counters import BillingCounters
 from shared.buildinfo import resolve_build_info
 from shared.db import close_pool, create_pool
 from shared.ids import new_request_id
-from shared.logging import get_logger
+from shared.logging import get_logger, log_request
 from shared.publisher import EventPublisher
 from shared.redis_client import create_redis
 from shared.settings import Settings
@@ -54,8 +54,8 @@ async def request_context(request: web.Request, handler: Handler) -> web.StreamR
     response.headers["x-opsmantik-branch"] = build.git_branch
     response.headers["x-request-id"] = rid
     if request.path != "/healthz":
-        log.info(
-            "request",
+        log_request(
+            "gateway",
             request_id=rid,
             method=request.method,
             path=request.path,

@@ -1,14 +1,35 @@
-"""The gateway's buffered log output: info lines batched per event-loop tick window, never reordered,
-never stranded."""
+"""The gateway's log output: info lines written in batches (never reordered, never stranded) and the
+access-log line, written without structlog's processor chain but in the same shape."""
 
 from __future__ import annotations
 
 import asyncio
 import io
+import json
+import logging
+from collections.abc import Iterator
 
-from shared.logging import BufferedLineLogger
+import pytest
+import structlog
+
+import shared.logging as shared_logging
+from shared.logging import BufferedLineLogger, configure_logging, flush_logs, get_logger, log_request
 
 FLUSH_AFTER_S = 0.05
+
+
+@pytest.fixture(autouse=True)
+def restore_logging() -> Iterator[None]:
+    """These tests configure logging for the whole process: put back what the other tests run with."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    flush_logs()
+    structlog.reset_defaults()
+    shared_logging._sink = None
+    shared_logging._write_request_line = None
+    root.handlers[:] = handlers
+    root.setLevel(level)
 
 
 class CountingStream(io.StringIO):
@@ -77,3 +98,35 @@ def test_lines_left_by_a_stopped_loop_go_out_with_the_next_loop() -> None:
     assert lines(stream) == []
     asyncio.run(log("from the second loop"))
     assert lines(stream) == ["from the first loop", "from the second loop"]
+
+
+REQUEST_FIELDS = {"request_id": "ab" * 16, "method": "POST", "path": "/api/sync", "site": "s1", "status": 200,
+                  "latency_ms": 1.5}
+
+
+def test_the_access_log_line_has_the_shape_of_every_other_line() -> None:
+    """`log_request` skips structlog's processor chain; its line must still read like structlog's."""
+    stream = io.StringIO()
+    configure_logging("info", stream=stream)
+    get_logger("gateway").info("request", **REQUEST_FIELDS)
+    log_request("gateway", **REQUEST_FIELDS)
+    by_structlog, ours = (json.loads(line) for line in stream.getvalue().splitlines())
+    assert list(ours) == list(by_structlog)  # same keys, same order
+    assert {k: v for k, v in ours.items() if k != "timestamp"} == {
+        k: v for k, v in by_structlog.items() if k != "timestamp"
+    }
+    assert ours["timestamp"].endswith("Z") and len(ours["timestamp"]) == len(by_structlog["timestamp"])
+
+
+async def test_the_access_log_goes_through_the_buffer_and_respects_the_level() -> None:
+    stream = CountingStream()
+    configure_logging("info", stream=stream, flush_after_s=FLUSH_AFTER_S)
+    log_request("gateway", **REQUEST_FIELDS)
+    assert stream.writes == 0  # buffered with the other info lines
+    flush_logs()
+    assert json.loads(stream.getvalue())["event"] == "request"
+    quiet = CountingStream()
+    configure_logging("warning", stream=quiet, flush_after_s=FLUSH_AFTER_S)
+    log_request("gateway", **REQUEST_FIELDS)
+    flush_logs()
+    assert quiet.getvalue() == ""
