@@ -14,12 +14,11 @@ from typing import Any, TextIO
 import orjson
 import structlog
 
-# A line waits at most this long for the ones after it, in processes that buffer (the gateway).
-DEFAULT_FLUSH_AFTER_S = 0.1
-MAX_BUFFERED_CHARS = 64 * 1024
+MAX_BUFFERED_CHARS = 64 * 1024  # a buffer this full is written at once, before its timer
 
 _sink: BufferedLineLogger | None = None
-_write_request_line: Callable[[str], Any] | None = None  # None while info lines are filtered out
+# Where `log_request` writes: None until configure_logging runs, and while info lines are filtered out.
+_write_request_line: Callable[[str], Any] | None = None
 
 
 def _dumps(obj: Any, default: Any = None) -> str:
