@@ -15,6 +15,10 @@ import orjson
 import structlog
 
 MAX_BUFFERED_CHARS = 64 * 1024  # a buffer this full is written at once, before its timer
+# Lines go out in writes of at most this many bytes, split at line ends: POSIX keeps a pipe write of up
+# to PIPE_BUF (4096 on Linux) in one piece, so the batches of several gateway workers sharing one
+# stderr pipe (Docker, journald) never interleave inside a line.
+MAX_WRITE_BYTES = 4096
 
 _sink: BufferedLineLogger | None = None
 # Where `log_request` writes: None until configure_logging runs, and while info lines are filtered out.
@@ -25,14 +29,37 @@ def _dumps(obj: Any, default: Any = None) -> str:
     return orjson.dumps(obj, default=default).decode()
 
 
+def _byte_size(line: str) -> int:
+    return len(line) + 1 if line.isascii() else len(line.encode()) + 1
+
+
+def write_chunks(lines: list[str], limit_bytes: int = MAX_WRITE_BYTES) -> list[str]:
+    """`lines` as newline-terminated chunks of at most `limit_bytes` (a longer line alone in its own)."""
+    chunks: list[str] = []
+    chunk: list[str] = []
+    size = 0
+    for line in lines:
+        line_size = _byte_size(line)
+        if chunk and size + line_size > limit_bytes:
+            chunks.append("\n".join(chunk) + "\n")
+            chunk, size = [], 0
+        chunk.append(line)
+        size += line_size
+    if chunk:
+        chunks.append("\n".join(chunk) + "\n")
+    return chunks
+
+
 class BufferedLineLogger:
     """structlog's output, written many lines per system call.
 
     Debug and info lines (the access log: one per request) wait up to `flush_after_s` on the running
-    event loop; a warning or an error writes at once, after what waited, so the order holds. Lines
-    also go out when `max_chars` have gathered, when no event loop runs in the logging thread, on
-    `flush_logs()` and at exit. A process killed with SIGKILL loses at most `flush_after_s` of info
-    lines (docs/operations.md).
+    event loop; a warning or an error writes at once, after what waited, so the order holds (stdlib
+    logging records flush the buffer first too, see `configure_logging`). Lines also go out when
+    `max_chars` have gathered, when no event loop runs in the logging thread, on `flush_logs()` and at
+    exit, in writes of at most `MAX_WRITE_BYTES`. A process killed with SIGKILL loses at most
+    `flush_after_s` of info lines (docs/operations.md). A write the stream refuses drops its lines
+    and counts them (`dropped_lines`) instead of failing the request that logged.
     """
 
     def __init__(self, stream: TextIO, flush_after_s: float, max_chars: int = MAX_BUFFERED_CHARS) -> None:
@@ -41,9 +68,11 @@ class BufferedLineLogger:
         self._max_chars = max_chars
         self._lines: list[str] = []
         self._chars = 0
+        # The running loop's pending flush; only that loop's thread touches the handle.
         self._timer: asyncio.TimerHandle | None = None
         self._timer_loop: asyncio.AbstractEventLoop | None = None
         self._lock = threading.Lock()
+        self.dropped_lines = 0
 
     def _buffer(self, line: str) -> None:
         with self._lock:
@@ -62,10 +91,16 @@ class BufferedLineLogger:
         if self._timer is not None and self._timer_loop is loop:
             return True
         if self._timer is not None:
-            return False  # set by a loop that has stopped: write now, then start afresh
-        self._timer = loop.call_later(self._flush_after_s, self.flush)
+            self._timer = self._timer_loop = None  # set by a loop that has stopped: it never fires
+            return False  # so write now
+        self._timer = loop.call_later(self._flush_after_s, self._timer_due)
         self._timer_loop = loop
         return True
+
+    def _timer_due(self) -> None:
+        with self._lock:
+            self._timer = self._timer_loop = None
+        self.flush()
 
     def _write_now(self, line: str) -> None:
         with self._lock:
@@ -73,19 +108,29 @@ class BufferedLineLogger:
         self.flush()
 
     def flush(self) -> None:
-        """Write every waiting line in one call."""
+        """Write every waiting line (a pending timer then finds nothing to write)."""
         with self._lock:
-            if self._timer is not None:
-                self._timer.cancel()
-                self._timer = self._timer_loop = None
             lines, self._lines, self._chars = self._lines, [], 0
-            if lines:
-                lines.append("")
-                self._stream.write("\n".join(lines))
-                self._stream.flush()
+            if not lines:
+                return
+            try:
+                for chunk in write_chunks(lines):
+                    self._stream.write(chunk)
+                    self._stream.flush()
+            except (OSError, ValueError):  # a closed or broken stream: a log line is not worth a request
+                self.dropped_lines += len(lines)
 
     debug = info = _buffer
     msg = log = warning = warn = error = err = critical = fatal = exception = failure = _write_now
+
+
+class _FlushFirst(logging.Filter):
+    """Before a stdlib logging record (aiohttp, asyncio, aio-pika) is written, write the buffered lines
+    logged before it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        flush_logs()
+        return True
 
 
 def configure_logging(level: str = "info", stream: Any = None, *, flush_after_s: float = 0.0) -> None:
@@ -99,13 +144,14 @@ def configure_logging(level: str = "info", stream: Any = None, *, flush_after_s:
     if not isinstance(numeric, int):
         numeric = logging.INFO
     logging.basicConfig(level=numeric, stream=stream or sys.stderr, format="%(message)s", force=True)
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_FlushFirst())
     for noisy in ("aiormq", "aio_pika", "asyncio", "aiohttp.access"):
         logging.getLogger(noisy).setLevel(max(numeric, logging.WARNING))
     flush_logs()
     logger_factory: Any
     if flush_after_s > 0:
         sink = _sink = BufferedLineLogger(stream or sys.stderr, flush_after_s)
-        atexit.register(sink.flush)
         logger_factory = lambda *_args: sink  # noqa: E731 - one sink for every logger
         write_line: Callable[[str], Any] = sink.info
     else:
@@ -137,7 +183,7 @@ def log_request(component: str, **fields: Any) -> None:
         return
     timestamp = datetime.now(UTC).isoformat().replace("+00:00", "Z")
     line = {"component": component, **fields, "event": "request", "level": "info", "timestamp": timestamp}
-    write(orjson.dumps(line).decode())
+    write(orjson.dumps(line, default=repr).decode())  # repr for odd values, as structlog's renderer
 
 
 def flush_logs() -> None:
@@ -151,3 +197,6 @@ def get_logger(name: str) -> Any:
     # Initial values (not .bind) keep the logger lazy, so module-level loggers made at import time
     # still use the configuration `configure_logging` installs later.
     return structlog.get_logger(name, component=name)
+
+
+atexit.register(flush_logs)

@@ -7,13 +7,21 @@ import asyncio
 import io
 import json
 import logging
+import re
 from collections.abc import Iterator
 
 import pytest
 import structlog
 
 import shared.logging as shared_logging
-from shared.logging import BufferedLineLogger, configure_logging, flush_logs, get_logger, log_request
+from shared.logging import (
+    BufferedLineLogger,
+    configure_logging,
+    flush_logs,
+    get_logger,
+    log_request,
+    write_chunks,
+)
 
 FLUSH_AFTER_S = 0.05
 
@@ -23,6 +31,8 @@ def restore_logging() -> Iterator[None]:
     """These tests configure logging for the whole process: put back what the other tests run with."""
     root = logging.getLogger()
     handlers, level = root.handlers[:], root.level
+    noisy_names = ("aiormq", "aio_pika", "asyncio", "aiohttp.access")
+    noisy = {name: logging.getLogger(name).level for name in noisy_names}
     yield
     flush_logs()
     structlog.reset_defaults()
@@ -30,6 +40,8 @@ def restore_logging() -> Iterator[None]:
     shared_logging._write_request_line = None
     root.handlers[:] = handlers
     root.setLevel(level)
+    for name, noisy_level in noisy.items():
+        logging.getLogger(name).setLevel(noisy_level)
 
 
 class CountingStream(io.StringIO):
@@ -115,7 +127,8 @@ def test_the_access_log_line_has_the_shape_of_every_other_line() -> None:
     assert {k: v for k, v in ours.items() if k != "timestamp"} == {
         k: v for k, v in by_structlog.items() if k != "timestamp"
     }
-    assert ours["timestamp"].endswith("Z") and len(ours["timestamp"]) == len(by_structlog["timestamp"])
+    for stamp in (ours["timestamp"], by_structlog["timestamp"]):  # isoformat drops .000000
+        assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d{6})?Z", stamp), stamp
 
 
 async def test_the_access_log_goes_through_the_buffer_and_respects_the_level() -> None:
@@ -130,3 +143,32 @@ async def test_the_access_log_goes_through_the_buffer_and_respects_the_level() -
     log_request("gateway", **REQUEST_FIELDS)
     flush_logs()
     assert quiet.getvalue() == ""
+
+
+def test_writes_stay_within_a_pipe_buffer_and_split_only_at_line_ends() -> None:
+    """Several gateway workers share one stderr pipe: a write of at most 4096 bytes is never interleaved
+    with another process's."""
+    lines = [f"{n:03d}" + "é" * 60 for n in range(200)] + ["x" * 9000, "last"]
+    chunks = write_chunks(lines, limit_bytes=4096)
+    assert "".join(chunks).splitlines() == lines
+    assert all(chunk.endswith("\n") for chunk in chunks)
+    assert [len(c.encode()) > 4096 for c in chunks].count(True) == 1  # the one line longer than a chunk
+    assert "x" * 9000 + "\n" in chunks
+
+
+def test_a_stream_that_refuses_the_write_costs_lines_not_the_request() -> None:
+    stream = io.StringIO()
+    sink = BufferedLineLogger(stream, 60.0)
+    stream.close()
+    sink.error("nowhere to go")  # must not raise into the code that logged
+    assert sink.dropped_lines == 1
+
+
+async def test_a_stdlib_record_goes_out_after_the_lines_logged_before_it() -> None:
+    stream = io.StringIO()
+    configure_logging("info", stream=stream, flush_after_s=60.0)
+    get_logger("gateway").info("structlog first")
+    logging.getLogger("aiohttp.server").error("stdlib second")
+    first, second = stream.getvalue().splitlines()
+    assert json.loads(first)["event"] == "structlog first"
+    assert second == "stdlib second"

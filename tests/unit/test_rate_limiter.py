@@ -8,7 +8,7 @@ import uuid
 from collections.abc import Sequence
 from typing import Any, cast
 
-from shared.rate_limit import RateLimiter
+from shared.rate_limit import OVERLAP_AFTER_S, RateLimiter
 from shared.redis_scripts import GateScripts
 
 SITE = uuid.UUID(int=7)
@@ -59,4 +59,4 @@ async def test_without_the_overlap_rule_a_second_call_starts_at_once() -> None:
 
 def test_the_gate_uses_the_overlap_rule_by_default() -> None:
     limiter = RateLimiter(cast(GateScripts, HeldScripts()))
-    assert limiter._batcher._overlap_after_s is not None  # noqa: SLF001 - the wiring under test
+    assert limiter._batcher._overlap_after_s == OVERLAP_AFTER_S  # noqa: SLF001 - the wiring under test
