@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -35,13 +35,29 @@ async def _init_connection(conn: asyncpg.Connection) -> None:
         )
 
 
-async def create_pool(dsn: str, *, min_size: int = 1, max_size: int = 10, **kwargs: Any) -> asyncpg.Pool:
-    """A pool whose connections decode json/jsonb with orjson and time out instead of hanging."""
+async def create_pool(
+    dsn: str,
+    *,
+    min_size: int = 1,
+    max_size: int = 10,
+    session_settings: Mapping[str, str] | None = None,
+    **kwargs: Any,
+) -> asyncpg.Pool:
+    """A pool whose connections decode json/jsonb with orjson and time out instead of hanging.
+
+    `session_settings` are set on each new connection with `set_config` (not as startup parameters,
+    which PgBouncer refuses); keep them for pools whose `reset` keeps session state.
+    """
     kwargs.setdefault("timeout", 5.0)
     kwargs.setdefault("command_timeout", 30.0)
-    pool = await asyncpg.create_pool(
-        dsn, min_size=min_size, max_size=max_size, init=_init_connection, **kwargs
-    )
+    settings = dict(session_settings or {})
+
+    async def init(conn: asyncpg.Connection) -> None:
+        await _init_connection(conn)
+        for name, value in settings.items():
+            await conn.execute("SELECT set_config($1, $2, false)", name, value)
+
+    pool = await asyncpg.create_pool(dsn, min_size=min_size, max_size=max_size, init=init, **kwargs)
     assert pool is not None
     return pool
 

@@ -1,0 +1,35 @@
+"""The capture connections ask Postgres to write their dirty pages back early (backend_flush_after),
+set per connection with set_config, so it also holds behind PgBouncer."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aiohttp.test_utils import TestClient
+
+from services.gateway.sync import CAPTURE_SESSION_SETTINGS, SYNC_GATE
+from shared.db import close_pool, create_pool
+
+
+async def test_a_pool_sets_its_session_settings_on_every_connection(database_url: str) -> None:
+    pool = await create_pool(
+        database_url, min_size=2, max_size=2, session_settings={"backend_flush_after": "64kB"}
+    )
+    try:
+        async with pool.acquire() as first, pool.acquire() as second:
+            assert await first.fetchval("SHOW backend_flush_after") == "64kB"
+            assert await second.fetchval("SHOW backend_flush_after") == "64kB"
+    finally:
+        await close_pool(pool)
+    plain = await create_pool(database_url, min_size=1, max_size=1)
+    try:
+        assert await plain.fetchval("SHOW backend_flush_after") == "0"  # the server default, untouched
+    finally:
+        await close_pool(plain)
+
+
+async def test_the_gateway_captures_on_connections_that_flush_early(gateway: TestClient[Any, Any]) -> None:
+    pool = gateway.app[SYNC_GATE].pipeline._pool  # noqa: SLF001 - the wiring under test
+    async with pool.acquire() as conn:
+        flush_after = await conn.fetchval("SHOW backend_flush_after")
+    assert flush_after == CAPTURE_SESSION_SETTINGS["backend_flush_after"]
