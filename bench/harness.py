@@ -405,31 +405,29 @@ class Bench:
         from concurrent work on the machine drifts over minutes, and interleaving spreads it evenly
         over the targets instead of loading it onto whichever ran last."""
         live = [entry for key in self.opts.targets if (entry := self.bring_up(key)) is not None]
-        for i in range(self.opts.runs):
-            for entry in list(live):
-                try:
-                    run = self.run_load(entry.target, entry.pid, "peak", self.opts.duration_s, 0)
-                except FAILURES as exc:
-                    self.fail(entry.result, exc)
-                    live.remove(entry)
-                    continue
-                entry.result.runs.append(run)
-                self.log(f"{entry.target.key}: run {i + 1}/{self.opts.runs} {self._line(run)}")
-        for i in range(self.opts.half_runs if self.opts.half_fraction else 0):
-            for entry in list(live):  # round-robin too: a checkpoint or a stall lands on one run, not all
-                peak = statistics.median(r.wrk.requests_per_s for r in entry.result.runs)
-                rate = self.opts.half_fraction * peak
-                try:
-                    run = self.run_load(entry.target, entry.pid, "half", self.opts.duration_s, rate)
-                except FAILURES as exc:
-                    self.fail(entry.result, exc)
-                    live.remove(entry)
-                    continue
-                entry.result.halves.append(run)
-                self.log(f"{entry.target.key}: paced run {i + 1}/{self.opts.half_runs} at {rate:,.0f} req/s "
-                         f"{self._line(run)}")
+        self._round_robin(live, "peak", self.opts.runs)
+        self._round_robin(live, "half", self.opts.half_runs if self.opts.half_fraction else 0)
         for entry in live:
             entry.result.exit_code = self.launcher.stop(entry.target.key)
+
+    def _round_robin(self, live: list[Live], kind: str, rounds: int) -> None:
+        """`rounds` rounds of one `kind` run per live target (peak, or paced at `half_fraction` of the
+        target's median peak); a target whose run fails is stopped and leaves `live`."""
+        for i in range(rounds):
+            for entry in list(live):
+                rate = 0.0
+                if kind == "half":
+                    peak = statistics.median(r.wrk.requests_per_s for r in entry.result.runs)
+                    rate = self.opts.half_fraction * peak
+                try:
+                    run = self.run_load(entry.target, entry.pid, kind, self.opts.duration_s, rate)
+                except FAILURES as exc:
+                    self.fail(entry.result, exc)
+                    live.remove(entry)
+                    continue
+                (entry.result.halves if kind == "half" else entry.result.runs).append(run)
+                what = f"paced run {i + 1}/{rounds} at {rate:,.0f} req/s" if rate else f"run {i + 1}/{rounds}"
+                self.log(f"{entry.target.key}: {what} {self._line(run)}")
 
     @staticmethod
     def _line(run: RunResult) -> str:

@@ -51,6 +51,8 @@ async def create_pool(
     kwargs.setdefault("timeout", 5.0)
     kwargs.setdefault("command_timeout", 30.0)
     settings = dict(session_settings or {})
+    if settings and "reset" not in kwargs:
+        raise ValueError("session_settings need a pool reset that keeps session state (RESET ALL drops them)")
 
     async def init(conn: asyncpg.Connection) -> None:
         await _init_connection(conn)

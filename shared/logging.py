@@ -59,7 +59,8 @@ class BufferedLineLogger:
     `max_chars` have gathered, when no event loop runs in the logging thread, on `flush_logs()` and at
     exit, in writes of at most `MAX_WRITE_BYTES`. A process killed with SIGKILL loses at most
     `flush_after_s` of info lines (docs/operations.md). A write the stream refuses drops its lines
-    and counts them (`dropped_lines`) instead of failing the request that logged.
+    and counts them (`dropped_lines`) instead of failing the request that logged; the next write
+    that succeeds starts with a `log_lines_dropped` warning.
     """
 
     def __init__(self, stream: TextIO, flush_after_s: float, max_chars: int = MAX_BUFFERED_CHARS) -> None:
@@ -73,6 +74,7 @@ class BufferedLineLogger:
         self._timer_loop: asyncio.AbstractEventLoop | None = None
         self._lock = threading.Lock()
         self.dropped_lines = 0
+        self._unreported_drops = 0  # reported as one warning line by the next write that succeeds
 
     def _buffer(self, line: str) -> None:
         with self._lock:
@@ -113,12 +115,17 @@ class BufferedLineLogger:
             lines, self._lines, self._chars = self._lines, [], 0
             if not lines:
                 return
+            report = self._unreported_drops  # the first write that works says what was lost before it
+            notice = {"event": "log_lines_dropped", "level": "warning", "lines": report}
             try:
-                for chunk in write_chunks(lines):
+                for chunk in write_chunks([_dumps(notice), *lines] if report else lines):
                     self._stream.write(chunk)
                     self._stream.flush()
             except (OSError, ValueError):  # a closed or broken stream: a log line is not worth a request
                 self.dropped_lines += len(lines)
+                self._unreported_drops += len(lines)
+            else:
+                self._unreported_drops = 0
 
     debug = info = _buffer
     msg = log = warning = warn = error = err = critical = fatal = exception = failure = _write_now

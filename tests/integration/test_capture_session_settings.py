@@ -5,22 +5,31 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
 from aiohttp.test_utils import TestClient
 
 from services.gateway.sync import CAPTURE_SESSION_SETTINGS, SYNC_GATE
-from shared.db import close_pool, create_pool
+from shared.db import close_pool, create_pool, keep_session_state
 
 
 async def test_a_pool_sets_its_session_settings_on_every_connection(database_url: str) -> None:
     pool = await create_pool(
-        database_url, min_size=2, max_size=2, session_settings={"backend_flush_after": "64kB"}
+        database_url,
+        min_size=2,
+        max_size=2,
+        reset=keep_session_state,
+        session_settings={"backend_flush_after": "64kB"},
     )
     try:
         async with pool.acquire() as first, pool.acquire() as second:
             assert await first.fetchval("SHOW backend_flush_after") == "64kB"
             assert await second.fetchval("SHOW backend_flush_after") == "64kB"
+        async with pool.acquire() as again:  # still set after a release
+            assert await again.fetchval("SHOW backend_flush_after") == "64kB"
     finally:
         await close_pool(pool)
+    with pytest.raises(ValueError, match="reset"):  # RESET ALL on release would undo them silently
+        await create_pool(database_url, session_settings={"backend_flush_after": "64kB"})
     plain = await create_pool(database_url, min_size=1, max_size=1)
     try:
         assert await plain.fetchval("SHOW backend_flush_after") == "0"  # the server default, untouched

@@ -156,12 +156,30 @@ def test_writes_stay_within_a_pipe_buffer_and_split_only_at_line_ends() -> None:
     assert "x" * 9000 + "\n" in chunks
 
 
+class FlakyStream(io.StringIO):
+    """A stream whose writes fail while `broken` is set."""
+
+    broken = True
+
+    def write(self, text: str) -> int:
+        if self.broken:
+            raise BrokenPipeError("reader gone")
+        return super().write(text)
+
+
 def test_a_stream_that_refuses_the_write_costs_lines_not_the_request() -> None:
-    stream = io.StringIO()
+    stream = FlakyStream()
     sink = BufferedLineLogger(stream, 60.0)
-    stream.close()
     sink.error("nowhere to go")  # must not raise into the code that logged
-    assert sink.dropped_lines == 1
+    sink.error("nor here")
+    assert sink.dropped_lines == 2
+    stream.broken = False
+    sink.error("back")
+    notice, line = stream.getvalue().splitlines()
+    assert json.loads(notice) == {"event": "log_lines_dropped", "level": "warning", "lines": 2}
+    assert line == "back"
+    sink.error("again")  # reported once, not on every later write
+    assert stream.getvalue().splitlines()[-1] == "again" and stream.getvalue().count("log_lines_dropped") == 1
 
 
 async def test_a_stdlib_record_goes_out_after_the_lines_logged_before_it() -> None:
