@@ -23,6 +23,7 @@ run: install services
 	bash scripts/run_demo.sh
 
 test: install services
+	bash scripts/ensure_wrk.sh
 	$(VENV)/bin/pytest
 
 test-unit: install

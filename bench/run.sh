@@ -11,10 +11,7 @@ PY=${PY:-.venv/bin/python}
 OUT=${BENCH_OUT:-bench/out}
 PIDS="$OUT/.pids"
 
-if ! command -v wrk >/dev/null 2>&1; then
-  echo "bench: installing wrk (Debian package)" >&2
-  apt-get update -qq && apt-get install -y -qq wrk >/dev/null
-fi
+bash scripts/ensure_wrk.sh
 if [ ! -x "$PY" ]; then
   echo "bench: $PY missing; run 'make install' first" >&2
   exit 2

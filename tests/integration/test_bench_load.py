@@ -20,8 +20,9 @@ from bench.wrkload import LoadSpec, WrkResult, parse_wrk_output, send_window_s
 from shared.amqp import INGEST_EXCHANGE, INGEST_QUEUE
 from tests.conftest import free_port
 
-pytestmark = pytest.mark.skipif(shutil.which("wrk") is None,
-                                reason="wrk is not installed (bench/run.sh installs it)")
+pytestmark = pytest.mark.skipif(
+    shutil.which("wrk") is None, reason="wrk is not installed (make test installs it: scripts/ensure_wrk.sh)"
+)
 
 SITES = {f"site-pub-{i}" for i in range(1, 17)}
 Answer = Callable[[int, Any], tuple[int, dict[str, Any]]]
