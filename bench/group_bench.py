@@ -4,9 +4,9 @@
 
 Runs `IngestPipeline` groups of N single-event requests one after another in this process, against the
 real Postgres, Redis and RabbitMQ (no HTTP, no other load), and prints this process's CPU per group
-and per event and the wall time per group. A straight line through the sizes gives the fixed cost of
-a group (its round trips: BEGIN, capture insert, Redis reservation, publish + confirm, COMMIT) and
-the cost per event; docs/performance.md reads them.
+and per event, the wall time per group, and what Postgres and RabbitMQ spent per group. A straight
+line through the sizes gives the fixed cost of a group (its round trips: BEGIN, capture insert, Redis
+reservation, publish + confirm, COMMIT) and the cost per event; docs/performance.md reads them.
 
 Uses the database `rk_group_bench`, the vhost `rk-group-bench` (both created, then dropped) and Redis
 database 15 of the local server (flushed at the end).
@@ -22,7 +22,9 @@ from datetime import UTC, datetime
 
 import uvloop
 
+from bench import procstat
 from bench.stores import create_vhost, delete_vhost, drop_database
+from services.gateway.sync import CAPTURE_SESSION_SETTINGS
 from shared.db import close_pool, connect, create_pool, keep_session_state
 from shared.idempotency import compute_key
 from shared.ingest import CaptureEvent, CaptureRequest, EventStatus, IngestPipeline
@@ -78,7 +80,9 @@ async def measure(sizes: list[int], groups: int) -> None:
                           rate_limit_per_minute=None, monthly_limit=10**9)
     finally:
         await conn.close()
-    pool = await create_pool(DSN, min_size=1, max_size=1, reset=keep_session_state)
+    pool = await create_pool(
+        DSN, min_size=1, max_size=1, reset=keep_session_state, session_settings=CAPTURE_SESSION_SETTINGS
+    )
     site_pool = await create_pool(DSN, min_size=1, max_size=1)
     redis = create_redis(REDIS)
     scripts = GateScripts(REDIS)
@@ -92,20 +96,24 @@ async def measure(sizes: list[int], groups: int) -> None:
         pipeline = IngestPipeline(pool, redis, scripts, publisher, max_concurrent_groups=1)
         requests = Requests(site)
         run_group = pipeline._capture_group  # noqa: SLF001 - one group at a time, without the batcher
-        print("| requests per group | CPU µs per group | CPU µs per event | wall ms per group |")
-        print("|---|---|---|---|")
+        print("| requests per group | CPU µs per group | CPU µs per event | wall ms per group "
+              "| Postgres µs per group | RabbitMQ µs per group |")
+        print("|---|---|---|---|---|---|")
         for size in sizes:
             for _ in range(WARM_UP_GROUPS):
                 await run_group(requests.group(size))
             batches = [requests.group(size) for _ in range(groups)]
+            servers_0 = procstat.snapshot()
             cpu_0, wall_0 = time.process_time(), time.perf_counter()
             outcomes = [await run_group(batch) for batch in batches]
             cpu_s, wall_s = time.process_time() - cpu_0, time.perf_counter() - wall_0
+            servers = _servers_us_per_group(servers_0, procstat.snapshot(), groups)
             for results in outcomes:  # every event of every group captured, or the figures mean nothing
                 statuses = {r.events[0].status if not isinstance(r, Exception) else r for r in results}
                 assert statuses == {EventStatus.QUEUED}, statuses
             print(f"| {size} | {1e6 * cpu_s / groups:,.0f} | {1e6 * cpu_s / groups / size:,.1f} "
-                  f"| {1e3 * wall_s / groups:.2f} |")
+                  f"| {1e3 * wall_s / groups:.2f} "
+                  f"| {servers['postgres']:,.0f} | {servers['rabbitmq']:,.0f} |")
     finally:
         await publisher.close()
         await scripts.close()
@@ -113,6 +121,16 @@ async def measure(sizes: list[int], groups: int) -> None:
         await redis.aclose()
         await close_pool(pool)
         await close_pool(site_pool)
+
+
+def _servers_us_per_group(start: procstat.Snapshot, end: procstat.Snapshot, groups: int) -> dict[str, float]:
+    """Postgres (this database's backends and the cluster's own processes) and RabbitMQ CPU per group.
+
+    From /proc tick counters (10 ms), so measure enough groups for a second or more of CPU."""
+    classify = procstat.make_classifier(end.procs, {}, [DATABASE])
+    percent = procstat.cpu_percent_by_group(start, end, classify)
+    wall_us = 1e6 * (end.taken_at - start.taken_at)
+    return {group: percent.get(group, 0.0) / 100 * wall_us / groups for group in ("postgres", "rabbitmq")}
 
 
 def main() -> None:
