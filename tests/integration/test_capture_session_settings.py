@@ -1,5 +1,6 @@
-"""The capture connections ask Postgres to write their dirty pages back early (backend_flush_after),
-set per connection with set_config, so it also holds behind PgBouncer."""
+"""The capture connections ask Postgres to write their dirty pages back early (backend_flush_after) and
+to plan the capture function's statements once (plan_cache_mode), set per connection with set_config,
+so it also holds behind PgBouncer."""
 
 from __future__ import annotations
 
@@ -37,8 +38,13 @@ async def test_a_pool_sets_its_session_settings_on_every_connection(database_url
         await close_pool(plain)
 
 
-async def test_the_gateway_captures_on_connections_that_flush_early(gateway: TestClient[Any, Any]) -> None:
+async def test_the_gateway_captures_on_connections_that_flush_early_and_plan_once(
+    gateway: TestClient[Any, Any],
+) -> None:
     pool = gateway.app[SYNC_GATE].pipeline._pool  # noqa: SLF001 - the wiring under test
     async with pool.acquire() as conn:
         flush_after = await conn.fetchval("SHOW backend_flush_after")
-    assert flush_after == CAPTURE_SESSION_SETTINGS["backend_flush_after"]
+        plan_cache_mode = await conn.fetchval("SHOW plan_cache_mode")
+    assert flush_after == "256kB"
+    assert plan_cache_mode == "force_generic_plan"
+    assert set(CAPTURE_SESSION_SETTINGS) == {"backend_flush_after", "plan_cache_mode"}
