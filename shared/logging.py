@@ -163,9 +163,11 @@ def configure_logging(level: str = "info", stream: Any = None, *, flush_after_s:
         write_line: Callable[[str], Any] = sink.info
     else:
         _sink = None
-        print_logger = structlog.PrintLogger(stream or sys.stderr)
-        logger_factory = lambda *_args: print_logger  # noqa: E731 - one writer for every logger
-        write_line = print_logger.info
+        # WriteLogger writes a line and its newline in one write (PrintLogger's print() makes two), so
+        # processes sharing a stderr pipe (`revkernel run`, unbuffered stderr) never merge lines.
+        line_logger = structlog.WriteLogger(stream or sys.stderr)
+        logger_factory = lambda *_args: line_logger  # noqa: E731 - one writer for every logger
+        write_line = line_logger.info
     _write_request_line = write_line if numeric <= logging.INFO else None
     structlog.configure(
         processors=[

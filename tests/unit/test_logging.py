@@ -7,7 +7,10 @@ import asyncio
 import io
 import json
 import logging
+import os
 import re
+import subprocess
+import sys
 from collections.abc import Iterator
 
 import pytest
@@ -190,3 +193,39 @@ async def test_a_stdlib_record_goes_out_after_the_lines_logged_before_it() -> No
     first, second = stream.getvalue().splitlines()
     assert json.loads(first)["event"] == "structlog first"
     assert second == "stdlib second"
+
+
+def test_without_batching_each_line_is_one_write_with_its_newline() -> None:
+    """Processes sharing a stderr pipe (`revkernel run`, the gateway's workers) must not split a line
+    between two writes, or another process's line can land between its text and its newline."""
+    stream = CountingStream()
+    configure_logging("info", stream=stream)
+    log = get_logger("worker")
+    log.info("worker_started", queue="reconciler.commands")
+    log.warning("worker_stopping", exit_code=0)
+    log_request("gateway", **REQUEST_FIELDS)
+    assert stream.writes == 3
+    events = [json.loads(line)["event"] for line in lines(stream)]
+    assert events == ["worker_started", "worker_stopping", "request"]
+
+
+def test_processes_writing_to_one_pipe_never_merge_lines() -> None:
+    """The symptom itself: two processes logging at once into one unbuffered stderr pipe."""
+    script = (
+        "import shared.logging as l\n"
+        "l.configure_logging('info')\n"
+        "log = l.get_logger('worker')\n"
+        "for i in range(3000):\n"
+        "    log.info('worker_tick', i=i)\n"
+    )
+    read_end, write_end = os.pipe()
+    unbuffered = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    children = [
+        subprocess.Popen([sys.executable, "-c", script], stderr=write_end, env=unbuffered) for _ in range(2)
+    ]
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as reader:
+        output = reader.read().decode()
+    assert [child.wait(timeout=60) for child in children] == [0, 0]
+    ticks = [json.loads(line) for line in output.splitlines()]  # a merged or empty line fails here
+    assert len(ticks) == 6000
