@@ -83,8 +83,24 @@ def verify_token(settings: Settings, token: str | None) -> Principal:
             options={"require": ["exp", "sub"], "verify_aud": bool(settings.auth_jwt_audience)},
         )
     except jwt.PyJWTError as exc:
-        raise AuthError(str(exc)) from exc
+        raise AuthError(_refusal(exc)) from exc
     sub = claims.get("sub")
     if not isinstance(sub, str) or not sub:
         raise AuthError("token has no subject")
     return Principal(user_id=sub, claims=claims)
+
+
+def _refusal(exc: jwt.PyJWTError) -> str:
+    """What a client may read about a refused token: the claim at fault, never the library's parser
+    messages (they quote codecs and byte offsets of what was sent)."""
+    if isinstance(exc, jwt.ExpiredSignatureError):
+        return "token expired"
+    if isinstance(exc, jwt.MissingRequiredClaimError):
+        return f"token has no {exc.claim!r} claim"
+    if isinstance(exc, jwt.InvalidAudienceError):
+        return "token audience not accepted"
+    if isinstance(exc, jwt.InvalidIssuerError):
+        return "token issuer not accepted"
+    if isinstance(exc, jwt.ImmatureSignatureError):
+        return "token not valid yet"
+    return "invalid token"

@@ -43,7 +43,10 @@ async def request_context(request: web.Request, handler: Handler) -> web.StreamR
         response = await handler(request)
     except web.HTTPException as exc:
         code = _HTTP_ERROR_CODES.get(exc.status, "http_error")
-        response = error_response(exc.status, code)
+        # aiohttp's words: the reason ("Not Found"), or for a 413 its text ("Maximum request body size
+        # 262144 exceeded.").
+        detail = exc.text if exc.status == 413 and exc.text else exc.reason
+        response = error_response(exc.status, code, detail=detail)
     except asyncio.CancelledError:
         raise
     except Exception:

@@ -97,10 +97,10 @@ async def dispute_export(request: web.Request) -> web.StreamResponse:
 
     site_id = _parse_site_id(request.query.get("site_id"))
     if site_id is None:
-        return error_response(400, "invalid_site_id")
+        return error_response(400, "invalid_site_id", detail="site_id must be the site's UUID")
     year_month = request.query.get("year_month")
     if not is_year_month(year_month):
-        return error_response(400, "invalid_year_month")
+        return error_response(400, "invalid_year_month", detail="year_month must be YYYY-MM")
     assert year_month is not None
 
     try:

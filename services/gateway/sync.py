@@ -92,7 +92,7 @@ async def sync_post(request: web.Request) -> web.Response:
     if site is None:
         return error_response(400, "unknown_site", detail=f"no site with public id {body.site_public_id!r}")
     if not site.allows_origin(request.headers.get("Origin")):
-        return error_response(403, "origin_not_allowed")
+        return error_response(403, "origin_not_allowed", detail="Origin is not one of the site's origins")
 
     ip = client_ip(request.remote, request.headers.get("X-Forwarded-For"), settings.trusted_proxies)
     limit = site.rate_limit_per_minute or settings.rate_limit_per_minute

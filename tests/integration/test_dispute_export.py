@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import subprocess
 import sys
 import time
@@ -298,6 +299,21 @@ async def test_missing_site_id_parameter_is_400(
         f"{base}{PATH}?year_month={MONTH}", headers={"Authorization": f"Bearer {token('owner-1')}"}
     ) as r:
         assert (r.status, r.headers["x-opsmantik-error-code"]) == (400, "invalid_site_id")
+        assert (await r.json())["detail"] == "site_id must be the site's UUID"
+
+
+async def test_a_refused_token_is_explained_without_the_parser_s_words(
+    settings: Settings, open_gateway: OpenGateway, http: aiohttp.ClientSession, world: World
+) -> None:
+    base = await open_gateway(settings)
+    now = int(time.time())
+    for bearer, reason in (
+        ("abc.def.ghi", "invalid token"),  # PyJWT: "Invalid header string: 'utf-8' codec can't decode ..."
+        (_forged({"sub": "owner-1", "exp": now - 120}), "token expired"),
+    ):
+        status, headers, body = await export(http, base, site=world.site, month=MONTH, bearer=bearer)
+        assert (status, headers["x-opsmantik-error-code"]) == (401, "unauthorized")
+        assert json.loads(body)["detail"] == reason
 
 
 @pytest.mark.parametrize("secret", [None, "too-short-secret"])

@@ -329,6 +329,7 @@ async def test_bad_input_answers(gateway: Client, db: asyncpg.Connection, make_s
             body if len(str(body)) < 200 else code
         )
         assert answer["ok"] is False
+        assert answer.get("detail"), code  # every refusal says what to fix
         assert answer_headers["x-opsmantik-error-code"] == code
     assert await rows(db) == []
     allowed = await post(gateway, event(), Origin="https://shop.example")

@@ -48,6 +48,27 @@ def test_expired_wrong_key_and_missing_claims_are_refused() -> None:
             verify_token(s, token)
 
 
+def test_a_refusal_names_the_claim_at_fault_and_never_the_parser() -> None:
+    s = Settings(auth_jwt_secret=SECRET)
+    now = int(time.time())
+    refusals = {
+        jwt.encode({"sub": "a", "exp": now - 10}, SECRET, algorithm="HS256"): "token expired",
+        jwt.encode({"sub": "a"}, SECRET, algorithm="HS256"): "token has no 'exp' claim",
+        jwt.encode({"sub": "a", "exp": now + 60}, "o" * 32, algorithm="HS256"): "invalid token",
+        "abc.def.ghi": "invalid token",  # PyJWT: "Invalid header string: 'utf-8' codec can't decode ..."
+        "not-a-jwt": "invalid token",
+    }
+    for token, reason in refusals.items():
+        with pytest.raises(AuthError) as refused:
+            verify_token(s, token)
+        assert str(refused.value) == reason
+    with pytest.raises(AuthError, match="^token audience not accepted$"):
+        verify_token(
+            Settings(auth_jwt_secret=SECRET, auth_jwt_audience="x"),
+            jwt.encode({"sub": "a", "exp": now + 60, "aud": "y"}, SECRET, algorithm="HS256"),
+        )
+
+
 def test_audience_and_issuer_are_checked_only_when_configured() -> None:
     now = int(time.time())
     token = jwt.encode({"sub": "a", "exp": now + 60, "aud": "x", "iss": "y"}, SECRET, algorithm="HS256")
