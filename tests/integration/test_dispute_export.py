@@ -271,6 +271,21 @@ async def test_auth_and_validation_matrix(
             400,
             "invalid_year_month",
         ),
+        # Python's `$` and `\d` took these; Postgres's check did not, and the audit insert failed (503).
+        (
+            "month with a newline",
+            {"site": world.site, "month": "2026-08\n"},
+            token("owner-1"),
+            400,
+            "invalid_year_month",
+        ),
+        (
+            "month in Arabic-Indic digits",
+            {"site": world.site, "month": "\u0662\u0660\u0662\u0666-08"},
+            token("owner-1"),
+            400,
+            "invalid_year_month",
+        ),
         # 400 comes before 403: a stranger with a bad month learns nothing about the site.
         ("400 before 403", {"site": world.site, "month": "x"}, token("stranger"), 400, "invalid_year_month"),
         ("viewer", {"site": world.site}, token("viewer-1"), 403, "forbidden"),

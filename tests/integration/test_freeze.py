@@ -391,6 +391,7 @@ async def test_http_freeze_refuses_bad_current_and_future_months_and_bad_credent
         ({"year_month": add_months(current_year_month(), 25)}, CRON, 400, "month_not_closed"),
         ({"year_month": "2026-1"}, CRON, 400, "invalid_year_month"),
         ({"year_month": 202601}, CRON, 400, "invalid_year_month"),
+        ({"year_month": "2026-08\n"}, CRON, 400, "invalid_year_month"),
         ([MONTH], CRON, 400, "invalid_json"),
         (b"{not json", CRON, 400, "invalid_json"),
         ({"year_month": MONTH}, {}, 401, "unauthorized"),

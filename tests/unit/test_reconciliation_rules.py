@@ -71,6 +71,7 @@ def test_open_months_and_backoff() -> None:
         ([], "invalid_json"),
         ({"from": "2024-00", "to": "2024-01"}, "invalid_month"),
         ({"from": "2024-1", "to": "2024-01"}, "invalid_month"),
+        ({"from": "2024-06\n", "to": "2024-08"}, "invalid_month"),
         ({"from": "2024-01"}, "invalid_month"),
         ({"from": "2024-03", "to": "2024-02"}, "invalid_range"),
         ({"from": "2024-01", "to": "2025-01"}, "range_too_large"),
@@ -82,6 +83,11 @@ def test_backfill_rejections(body: object, code: str) -> None:
     with pytest.raises(BackfillInvalid) as info:
         parse_backfill_request(body)
     assert info.value.code == code and info.value.reason
+
+
+def test_backfill_of_the_last_calendar_month() -> None:
+    """months_between must not step past 9999-12 (it once compared "10000-01" < "9999-12" and crashed)."""
+    assert parse_backfill_request({"from": "9999-12", "to": "9999-12"}).months == ("9999-12",)
 
 
 def test_backfill_accepts_twelve_months_across_a_year() -> None:
