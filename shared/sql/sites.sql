@@ -1,9 +1,13 @@
 -- name: site_by_ref
+-- A site by its UUID or its public id. Public ids are free text, so one may look like another site's
+-- UUID: the UUID wins, an operator naming a site by its id always gets that site.
 SELECT s.id, s.public_id, s.name, s.allowed_origins, s.rate_limit_per_minute,
        p.plan_tier, p.monthly_limit, p.soft_limit_enabled, p.hard_cap_multiplier, p.overage_price_per_1k
 FROM sites s
 LEFT JOIN site_plans p ON p.site_id = s.id
-WHERE s.public_id = $1 OR s.id::text = lower($1);
+WHERE s.public_id = $1 OR s.id::text = lower($1)
+ORDER BY s.id::text = lower($1) DESC
+LIMIT 1;
 
 -- name: site_by_public_id
 SELECT s.id, s.public_id, s.name, s.allowed_origins, s.rate_limit_per_minute,

@@ -18,7 +18,7 @@ import pytest
 from shared.auth import verify_token
 from shared.migrate import load_migrations
 from shared.settings import Settings
-from shared.sites import create_site
+from shared.sites import create_site, resolve_site
 from tests.conftest import CRON_SECRET, JWT_SECRET, PG_ADMIN_DSN, REPO_ROOT, free_port, pg_dsn, settings_env
 
 _SCRIPT = Path(sys.executable).with_name("revkernel")
@@ -175,6 +175,19 @@ async def test_plan_set_by_public_id_and_by_uuid(cli_settings: Settings, db: asy
     assert plan == ("pro", 20, False, 3)
     audit = await db.fetch("SELECT action, site_id FROM billing_audit_log ORDER BY id")
     assert [(r["action"], r["site_id"]) for r in audit] == [("plan_set", site.id), ("plan_set", site.id)]
+
+
+async def test_a_uuid_names_its_site_even_when_another_public_id_spells_it(db: asyncpg.Connection) -> None:
+    """Public ids are free text: site B may carry site A's UUID as its public id. `--site <uuid>` (every
+    CLI command resolves sites this way) must still mean A, whichever row the scan meets first."""
+    a_id = uuid.uuid4()
+    b = await create_site(db, public_id=str(a_id))  # inserted first: a scan meets it first
+    await db.execute("INSERT INTO sites (id, public_id) VALUES ($1, 'site-a')", a_id)
+
+    assert (await resolve_site(db, str(a_id))).id == a_id
+    assert (await resolve_site(db, str(a_id).upper())).id == a_id
+    assert (await resolve_site(db, str(b.id))).id == b.id
+    assert (await resolve_site(db, "site-a")).id == a_id
 
 
 async def test_member_add_and_change_role(cli_settings: Settings, db: asyncpg.Connection) -> None:

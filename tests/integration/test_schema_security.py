@@ -290,6 +290,12 @@ TENANT_WRITES = [
     "UPDATE site_plans SET monthly_limit = 1000000",
     f"INSERT INTO invoice_snapshot ({SNAPSHOT_COLUMNS})"
     " SELECT id, '2020-01', 0, 0, 'h', 's', 'tenant' FROM sites",
+    # SPEC §1.8: snapshots refuse UPDATE, DELETE and TRUNCATE for every role, the tenant's included.
+    "UPDATE invoice_snapshot SET event_count = 0",
+    "DELETE FROM invoice_snapshot",
+    "TRUNCATE invoice_snapshot",
+    "TRUNCATE ingest_idempotency",
+    "DELETE FROM billing_audit_log",
     "UPDATE billing_reconciliation_jobs SET status = 'COMPLETED'",
     "INSERT INTO site_members (site_id, user_id, role) SELECT id, 'alice', 'owner' FROM sites",
     "INSERT INTO platform_admins (user_id) VALUES ('alice')",
