@@ -116,6 +116,7 @@ async def _freeze_chunk(
 ) -> int:
     """Reconcile a chunk of sites and insert their snapshots, in one transaction; how many inserted."""
     async with pool.acquire() as conn, conn.transaction():
+        await conn.fetchval(query("freeze_lock_sites"), site_ids, year_month)
         counted = await conn.fetch(query("freeze_reconcile_sites"), site_ids, year_month)
         ids = [r["site_id"] for r in counted]
         events = [int(r["event_count"]) for r in counted]

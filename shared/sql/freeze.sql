@@ -21,6 +21,14 @@ CROSS JOIN LATERAL (
 ) AS hit
 WHERE NOT EXISTS (SELECT 1 FROM invoice_snapshot n WHERE n.site_id = s.id AND n.year_month = $1);
 
+-- name: freeze_lock_sites
+-- Wait for the ingest transactions of sites $1 in month $2 that are still in flight, and keep new ones
+-- out until this chunk commits: the (site, month) quota locks EXCLUSIVE, which ingest holds SHARED
+-- until its rows commit. A freeze right after midnight would otherwise count without a row that
+-- commits a moment later. Key order, as ingest and quota_usage_exclusive take them: no deadlock.
+SELECT count(pg_advisory_xact_lock(x.k))
+FROM (SELECT DISTINCT quota_lock_key(t.site_id, $2::text) AS k FROM unnest($1::uuid[]) AS t (site_id) ORDER BY 1) AS x;
+
 -- name: freeze_reconcile_sites
 -- Reconcile the sites $1 for month $2 from the source of truth: count billable rows and billable
 -- OVERAGE rows (the rule of reconcile_count_month, which the freeze tests hold it equal to), store the

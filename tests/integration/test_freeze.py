@@ -463,6 +463,39 @@ async def test_freeze_counts_by_the_reconcilers_rule(
         await pool.close()
 
 
+async def test_freeze_waits_for_a_capture_of_the_month_still_in_flight(
+    db: asyncpg.Connection, database_url: str, month_rows: Month
+) -> None:
+    """A capture holds its (site, month) quota lock SHARED until its rows commit. A freeze just after
+    midnight must wait for it, not snapshot the month without the row that commits a moment later."""
+    beta = month_rows.sites["beta"]
+    capture = await asyncpg.connect(database_url)
+    pool = await create_pool(database_url, min_size=1, max_size=2)
+    try:
+        in_flight = capture.transaction()
+        await in_flight.start()
+        await capture.execute("SELECT pg_advisory_xact_lock_shared(quota_lock_key($1, $2))", beta, MONTH)
+        await add_rows(capture, beta, MONTH, 2, day=28)
+
+        freeze = asyncio.create_task(freeze_month(pool, MONTH, commit_sha="c", generated_by="t"))
+
+        async def freeze_waits_or_ended() -> bool:
+            waiting = await db.fetchval(
+                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
+            )
+            return freeze.done() or waiting > 0
+
+        await poll(freeze_waits_or_ended)
+        await in_flight.commit()
+        result = await asyncio.wait_for(freeze, 30)
+    finally:
+        await capture.close()
+        await pool.close()
+    assert result.inserted == 3
+    snap = await db.fetchrow("SELECT event_count FROM invoice_snapshot WHERE site_id = $1", beta)
+    assert snap is not None and snap["event_count"] == 1 + 2 == (await truth(db, beta, MONTH))[0]
+
+
 async def test_revkernel_freezer_process_serves_commands_health_and_stops_on_sigterm(
     settings: Settings, db: asyncpg.Connection, month_rows: Month, commands: CommandClient
 ) -> None:
