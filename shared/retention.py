@@ -59,6 +59,8 @@ class RetentionReport:
     dropped: list[str] = field(default_factory=list)
     trimmed: dict[str, int] = field(default_factory=dict)
     kept: list[str] = field(default_factory=list)
+    # Partitions kept whole or in part because a billable row of theirs is in no invoice snapshot yet.
+    unfrozen: list[str] = field(default_factory=list)
     busy: list[str] = field(default_factory=list)
     fallback_purged: int = 0
     more_pending: bool = False
@@ -75,6 +77,7 @@ class RetentionReport:
             "trimmed_rows": dict(self.trimmed),
             "trimmed_total": sum(self.trimmed.values()),
             "partitions_with_unexpired_rows": list(self.kept),
+            "partitions_with_unfrozen_rows": list(self.unfrozen),
             "busy_partitions": list(self.busy),
             "fallback_recovered_purged": self.fallback_purged,
             "more_pending": self.more_pending,
@@ -124,7 +127,8 @@ async def run_retention(
     conn: asyncpg.Connection, settings: RetentionSettings | None = None, *, actor: str = "retention"
 ) -> RetentionReport:
     """Partition maintenance, then: drop wholly expired partitions older than the previous month, trim
-    the expired rows of partly expired ones (and of the DEFAULT partition), purge RECOVERED fallback
+    the expired rows of partly expired ones (and of the DEFAULT partition), never a billable row that no
+    invoice snapshot has counted (migrations/0024), purge RECOVERED fallback
     rows older than 30 days. One runner at a time (advisory lock); a busy partition is left for the
     next run. `conn` must not be inside a transaction: every batch commits on its own. A run that
     removed anything appends one audit row (`actor`) listing what."""
@@ -152,7 +156,10 @@ async def run_retention(
                 # The database's clock says this month is still open (the caller's clock is ahead).
                 continue
             for_trim.append(partition)
-            report.kept.append(partition)
+            if outcome == "unfrozen_rows":
+                report.unfrozen.append(partition)
+            else:
+                report.kept.append(partition)
         if DEFAULT_PARTITION in names:
             for_trim.append(DEFAULT_PARTITION)
         for partition in for_trim:
@@ -168,5 +175,11 @@ async def run_retention(
             await conn.execute(query("insert_audit"), AUDIT_ACTION, actor, None, None, None, report.as_dict())
     finally:
         await conn.fetchval(query("retention_unlock"))
+    if report.unfrozen:
+        log.warning(
+            "retention_kept_unfrozen_rows",
+            partitions=report.unfrozen,
+            hint="a closed month has billable rows in no invoice snapshot: freeze it (revkernel freeze)",
+        )
     log.info("RETENTION_COMPLETE", **report.as_dict())
     return report

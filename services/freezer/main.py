@@ -11,6 +11,7 @@ start-up.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
 import uuid
@@ -68,6 +69,10 @@ class Freezer:
         )
         # The last month the schedule found fully frozen: it is not checked again until the next one.
         self.frozen_through: str | None = None
+        # Set once the first freeze check has ended (done or failed): the first retention run waits for
+        # it, so months left unfrozen are invoiced before retention looks at their rows. (Retention
+        # never removes a billable row that no snapshot counted; waiting lets it remove them today.)
+        self.first_freeze_check_ended = asyncio.Event()
         w = self.worker
         w.command("freeze", self._cmd_freeze)
         w.command("retention", self._cmd_retention)
@@ -99,7 +104,13 @@ class Freezer:
     async def freeze_schedule(self, now: datetime | None = None) -> bool:
         """Freeze, oldest first, every closed month in which some site with rows has no snapshot yet:
         at the first check the last `freeze_catch_up_months` months, then each month as it closes."""
-        due = scheduled_freeze_month(now or datetime.now(UTC))
+        try:
+            return await self._freeze_due_months(now or datetime.now(UTC))
+        finally:
+            self.first_freeze_check_ended.set()
+
+    async def _freeze_due_months(self, now: datetime) -> bool:
+        due = scheduled_freeze_month(now)
         if due == self.frozen_through:
             return False
         month = (  # the oldest month to check
@@ -122,6 +133,7 @@ class Freezer:
 
     async def retention_schedule(self) -> bool:
         """Partition maintenance and retention; True (run again soon) when a run stopped at its bound."""
+        await self.first_freeze_check_ended.wait()
         return (await self.retention()).more_pending
 
     # ------------------------------------------------------------------------------ commands

@@ -9,9 +9,13 @@ from datetime import UTC, datetime, timedelta
 import asyncpg
 import pytest
 
-from shared.db import SERVICE_ROLE
+from services.freezer.main import Freezer, FreezerConfig
+from shared.db import SERVICE_ROLE, create_pool
+from shared.freeze import freeze_month
 from shared.months import add_months, current_year_month, month_start
 from shared.retention import RetentionSettings, run_retention
+from shared.settings import Settings
+from tests.integration.reconciler_support import poll
 
 NOW = datetime.now(UTC)
 CURRENT = current_year_month(NOW)
@@ -110,6 +114,20 @@ async def aged(db: asyncpg.Connection, site: uuid.UUID) -> None:
         )
         == 2
     )
+    # The closed months are invoiced, as the freezer leaves them: only then may their rows go.
+    for month in (EXPIRED_MONTH, PARTLY_MONTH, LIVE_MONTH, DEFAULT_MONTH):
+        await freeze(db, site, month)
+
+
+async def freeze(db: asyncpg.Connection, site: uuid.UUID, month: str) -> None:
+    """A snapshot of (site, month), as the freeze writes it (the counts do not matter here)."""
+    await db.execute(
+        """INSERT INTO invoice_snapshot (site_id, year_month, event_count, overage_count, snapshot_hash,
+                                         commit_sha, generated_by)
+           VALUES ($1, $2, 0, 0, 'h', 'test', 'test')""",
+        site,
+        month,
+    )
 
 
 async def as_service(db: asyncpg.Connection) -> asyncpg.Connection:
@@ -162,6 +180,87 @@ async def test_retention_drops_expired_partitions_trims_partly_expired_and_keeps
     await db.execute("RESET ROLE")
     assert (again.dropped, again.trimmed) == ([], {})
     assert await db.fetchval("SELECT count(*) FROM billing_audit_log WHERE action = 'retention'") == 1
+
+
+async def test_billable_rows_no_snapshot_counted_are_kept_until_their_month_is_frozen(
+    db: asyncpg.Connection, site: uuid.UUID, database_url: str
+) -> None:
+    """The invoice of a month without a snapshot is the live COUNT of its billable rows: retention must
+    not remove one of them, however expired, or the freeze that comes later invoices less (or nothing)."""
+    await db.execute(
+        "SELECT ingest_idempotency_ensure_partitions($1::date, 1)", month_start(EXPIRED_MONTH).date()
+    )
+    other: uuid.UUID = await db.fetchval("INSERT INTO sites (public_id) VALUES ('frozen-site') RETURNING id")
+    at = month_start(EXPIRED_MONTH) + timedelta(days=3)
+    for i in range(4):
+        await add_row(db, site, f"unfrozen-{i}", bucket_at=at + timedelta(minutes=i))
+    await add_row(db, other, "frozen-0", bucket_at=at)
+    await freeze(db, other, EXPIRED_MONTH)
+    await db.execute(
+        "UPDATE ingest_idempotency SET billable = false, billing_reason = 'rejected_quota'"
+        " WHERE idempotency_key = 'unfrozen-3'"
+    )
+
+    report = await run_retention(await as_service(db))
+    await db.execute("RESET ROLE")
+    assert report.dropped == [] and report.unfrozen == [part(EXPIRED_MONTH)]
+    # Trimmed: the frozen site's row and the unfrozen site's rejected (not billable) row; kept: the
+    # three billable rows no snapshot has counted.
+    assert report.trimmed == {part(EXPIRED_MONTH): 2}
+    assert await keys(db) == {"unfrozen-0", "unfrozen-1", "unfrozen-2"}
+    assert (
+        await db.fetchval("SELECT ingest_idempotency_drop_expired_partition($1)", part(EXPIRED_MONTH))
+        == "unfrozen_rows"
+    )
+
+    # The freezer catches up; the next run removes the month.
+    pool = await create_pool(database_url, min_size=1, max_size=2)
+    try:
+        frozen = await freeze_month(pool, EXPIRED_MONTH, commit_sha="c", generated_by="t")
+    finally:
+        await pool.close()
+    assert frozen.inserted == 1
+    assert (
+        await db.fetchval(
+            "SELECT event_count FROM invoice_snapshot WHERE site_id = $1 AND year_month = $2",
+            site,
+            EXPIRED_MONTH,
+        )
+        == 3
+    )
+    again = await run_retention(await as_service(db))
+    await db.execute("RESET ROLE")
+    assert again.dropped == [part(EXPIRED_MONTH)] and again.unfrozen == []
+
+
+async def test_freezer_start_up_invoices_an_expired_unfrozen_month_whole(
+    db: asyncpg.Connection, site: uuid.UUID, settings: Settings
+) -> None:
+    """A freezer that was down over a month's end starts with its freeze catch-up and its retention run
+    at once. Retention used to drop the month's partition first (no invoice) or between the freeze's
+    site list and its count (an immutable zero invoice)."""
+    month = add_months(CURRENT, -4)
+    await db.execute("SELECT ingest_idempotency_ensure_partitions($1::date, 1)", month_start(month).date())
+    at = month_start(month) + timedelta(days=2)
+    for i in range(20):
+        await add_row(db, site, f"late-{i}", bucket_at=at + timedelta(hours=i))
+    freezer = Freezer(settings, FreezerConfig(http_port=0, drain_timeout_s=5))
+    await freezer.worker.start()
+    try:
+        snapshot = await poll(
+            lambda: db.fetchval(
+                "SELECT event_count FROM invoice_snapshot WHERE site_id = $1 AND year_month = $2", site, month
+            ),
+            timeout_s=30,
+        )
+        retention_ran = await poll(
+            lambda: db.fetchval("SELECT count(*) FROM billing_audit_log WHERE action = 'retention'"),
+            timeout_s=30,
+        )
+    finally:
+        await freezer.worker.stop()
+    assert snapshot == 20 and retention_ran == 1
+    assert await db.fetchval("SELECT count(*) FROM ingest_idempotency WHERE year_month = $1", month) == 0
 
 
 async def test_the_database_guards_hold_whatever_the_caller_asks(db: asyncpg.Connection, aged: None) -> None:
