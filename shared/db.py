@@ -41,12 +41,16 @@ async def create_pool(
     min_size: int = 1,
     max_size: int = 10,
     session_settings: Mapping[str, str] | None = None,
+    role: str | None = None,
     **kwargs: Any,
 ) -> asyncpg.Pool:
     """A pool whose connections decode json/jsonb with orjson and time out instead of hanging.
 
     `session_settings` are set on each new connection with `set_config` (not as startup parameters,
     which PgBouncer refuses); keep them for pools whose `reset` keeps session state.
+    `role`: each connection runs as that role (`SET ROLE`, which the pool's `RESET ALL` keeps), so the
+    fleet works with `revkernel_service`'s rights whoever logs in (SPEC §7); the login user must be a
+    member of it.
     """
     kwargs.setdefault("timeout", 5.0)
     kwargs.setdefault("command_timeout", 30.0)
@@ -56,6 +60,8 @@ async def create_pool(
 
     async def init(conn: asyncpg.Connection) -> None:
         await _init_connection(conn)
+        if role is not None:
+            await conn.execute("SELECT set_config('role', $1, false)", role)
         for name, value in settings.items():
             await conn.execute("SELECT set_config($1, $2, false)", name, value)
 
