@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -13,6 +12,11 @@ MAX_BATCH = 100
 MAX_SITE_ID = 128
 MAX_URL = 4096
 MAX_LABEL = 256
+# Arrays and objects inside an event, counted from the event itself. orjson reads ~1,000 levels but
+# writes only 254, and a batch message wraps its events two levels deeper: an event nested past that
+# would be accepted, then fail its group's capture when its message is built. Analytics events are
+# shallow; 64 leaves room and refuses it at the door.
+MAX_NESTING = 64
 
 
 class ShapeError(Exception):
@@ -62,8 +66,8 @@ def event_problem(event: Any) -> str | None:
         return f"`s` is longer than {MAX_SITE_ID} characters"
     url_key = "url" if event.get("url") is not None else "u"
     url = event.get(url_key)
-    if not isinstance(url, str) or not url.strip():
-        return "`url` (or legacy `u`) is required and must be a non-empty string"
+    if not isinstance(url, str):
+        return "`url` (or legacy `u`) is required and must be a string"
     if len(url) > MAX_URL:
         return f"`{url_key}` is longer than {MAX_URL} characters"
     return _optional_field_problem(event)
@@ -77,9 +81,6 @@ def _optional_field_problem(event: dict[str, Any]) -> str | None:
     ev = event.get("ev")
     if ev is not None and (isinstance(ev, bool) or not isinstance(ev, int | float | str)):
         return "`ev` must be a number or a string"
-    ts = event.get("ts")
-    if ts is not None and (isinstance(ts, bool) or not isinstance(ts, int | float) or not math.isfinite(ts)):
-        return "`ts` must be a number (ms or s)"
     meta = event.get("meta")
     if meta is not None:
         if not isinstance(meta, dict):
@@ -106,15 +107,41 @@ def parse_sync_body(raw: bytes) -> SyncBody:
     # Postgres text and jsonb cannot hold U+0000, and JSON can only carry it escaped: look for it only
     # when the escape is in the body at all.
     check_nul = b"\\u0000" in raw
+    # Nesting can only exceed the limit when the body has more opening brackets than the limit.
+    check_nesting = raw.count(b"[") + raw.count(b"{") > MAX_NESTING
     if "events" in data:
-        return _parse_batch(data["events"], check_nul)
-    problem = event_problem(data) or (NUL_PROBLEM if check_nul and contains_nul(data) else None)
+        return _parse_batch(data["events"], check_nul, check_nesting)
+    problem = event_problem(data) or _content_problem(data, check_nul, check_nesting)
     if problem:
         raise ShapeError("invalid_payload", problem)
     return SyncBody(site_public_id=data["s"], events=[EventShape(data)], is_batch=False)
 
 
 NUL_PROBLEM = "strings must not contain the NUL character (\\u0000)"
+NESTING_PROBLEM = f"an event must not nest arrays and objects more than {MAX_NESTING} levels deep"
+
+
+def _content_problem(event: Any, check_nul: bool, check_nesting: bool) -> str | None:
+    """What the field rules do not see: NUL characters and nesting, checked only when the raw body
+    could hold them."""
+    if check_nul and contains_nul(event):
+        return NUL_PROBLEM
+    if check_nesting and nesting_depth(event) > MAX_NESTING:
+        return NESTING_PROBLEM
+    return None
+
+
+def nesting_depth(value: Any, limit: int = MAX_NESTING + 1) -> int:
+    """Levels of arrays and objects in `value` (a scalar is 0), counted no further than `limit`."""
+    if isinstance(value, dict):
+        children: Any = value.values()
+    elif isinstance(value, list):
+        children = value
+    else:
+        return 0
+    if limit <= 1:
+        return 1
+    return 1 + max((nesting_depth(child, limit - 1) for child in children), default=0)
 
 
 def contains_nul(value: Any) -> bool:
@@ -128,7 +155,7 @@ def contains_nul(value: Any) -> bool:
     return False
 
 
-def _parse_batch(events: Any, check_nul: bool = False) -> SyncBody:
+def _parse_batch(events: Any, check_nul: bool = False, check_nesting: bool = False) -> SyncBody:
     if not isinstance(events, list) or not 1 <= len(events) <= MAX_BATCH:
         raise ShapeError("invalid_batch", f"`events` must be an array of 1-{MAX_BATCH} events")
     if not all(isinstance(e, dict) for e in events):
@@ -141,6 +168,6 @@ def _parse_batch(events: Any, check_nul: bool = False) -> SyncBody:
         raise ShapeError("invalid_batch", "the batch's `s` must be a non-empty string of at most 128 chars")
     shapes = []
     for event in events:
-        problem = event_problem(event) or (NUL_PROBLEM if check_nul and contains_nul(event) else None)
+        problem = event_problem(event) or _content_problem(event, check_nul, check_nesting)
         shapes.append(EventShape(event, "invalid_payload", problem) if problem else EventShape(event))
     return SyncBody(site_public_id=site, events=shapes, is_batch=True)

@@ -124,7 +124,9 @@ class _NeedsSeed(Exception):
 
 
 class _DataRejected(Exception):
-    """Postgres refused a value of the group (a data error, not an outage)."""
+    """A request of the group could not be captured for what it holds, not for an outage: Postgres
+    refused a value, or building its rows or message failed. Its group is retried request by request,
+    so it cannot fail the others."""
 
 
 def _subtract(counts: dict[str, int], taken: dict[str, int]) -> None:
@@ -219,7 +221,7 @@ class IngestPipeline:
             return list(await self._capture_requests(requests))
         except _DataRejected as exc:
             if len(requests) == 1:
-                raise GateClosed(f"postgres refused the request's data: {exc.__cause__!r}") from exc
+                raise GateClosed(f"the request could not be captured: {exc.__cause__!r}") from exc
         # One request's data was refused: run each alone, so it cannot fail the others.
         outcomes: list[CaptureResult | Exception] = []
         for request in requests:
@@ -259,6 +261,12 @@ class IngestPipeline:
             except PG_ERRORS as exc:
                 await self._release(reserved)  # normally already released under the lock
                 raise GateClosed(f"postgres failed during capture: {exc!r}") from exc
+            except Exception as exc:
+                # Not an outage: something about one request that no check foresaw. The transaction is
+                # rolled back; give back its reservations, then isolate the request.
+                log.error("capture_group_failed", error=repr(exc), requests=len(requests), exc_info=True)
+                await self._release(reserved)
+                raise _DataRejected from exc
         finally:
             await self._pool.release(conn)
         return outcome

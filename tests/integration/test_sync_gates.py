@@ -468,6 +468,59 @@ async def test_nul_characters_are_bad_input_and_never_fail_other_requests(
     assert len(published_events(await drain_queue(amqp_url))) == 31
 
 
+async def test_an_event_nested_too_deep_is_bad_input_and_never_fails_other_requests(
+    gateway: Client, db: asyncpg.Connection, make_site: MakeSite, amqp_url: str, redis_client: Any
+) -> None:
+    """600 bytes of nested arrays once passed the shape gate, then failed when its message was built:
+    500 for every request of its capture group, and their quota reservations were never given back."""
+    import asyncio
+
+    site = await make_site(monthly_limit=100)
+    deep = b'{"s":"site-a","url":"https://x","x":' + b"[" * 300 + b"]" * 300 + b"}"
+    good = [event() for _ in range(20)]
+    answers = await asyncio.gather(*(post(gateway, body) for body in [deep, *good, deep]))
+    for status, body, _headers in (answers[0], answers[-1]):
+        assert (status, body["error"]) == (400, "invalid_payload") and "deep" in body["detail"]
+    assert all(a[0] == 200 and a[1]["status"] == "queued" for a in answers[1:-1]), answers
+    status, body, _ = await post(gateway, b'{"events":[' + orjson.dumps(event()) + b"," + deep + b"]}")
+    assert status == 200 and [r["status"] for r in body["results"]] == ["queued", "invalid"]
+    assert len(await rows(db)) == 21
+    month = datetime.now(UTC).strftime("%Y-%m")
+    assert await redis_client.get(f"usage:{site.id}:{month}") == "21"
+    assert len(published_events(await drain_queue(amqp_url))) == 21
+
+
+async def test_a_request_that_fails_its_capture_for_any_reason_never_fails_its_group(
+    gateway: Client, db: asyncpg.Connection, make_site: MakeSite, amqp_url: str, redis_client: Any,
+    monkeypatch: Any,
+) -> None:
+    """Defence in depth behind the shape gate: when building one request's message fails in a way no
+    check foresaw, its group is retried request by request and its reservations are given back."""
+    import asyncio
+
+    from shared.ingest import IngestPipeline
+
+    site = await make_site(monthly_limit=100)
+    build = IngestPipeline._message  # noqa: SLF001 - the fault is injected where it struck
+
+    def failing_message(self: IngestPipeline, request: Any, rows: Any) -> Any:
+        if any("poison" in row.item.event["url"] for row in rows):
+            raise TypeError("Recursion limit reached")
+        return build(self, request, rows)
+
+    monkeypatch.setattr(IngestPipeline, "_message", failing_message)
+    good = [event() for _ in range(20)]
+    answers = await asyncio.gather(
+        *(post(gateway, body) for body in [*good[:10], event(url="https://poison"), *good[10:]])
+    )
+    assert (answers[10][0], answers[10][1]["error"]) == (500, "billing_gate_closed")
+    assert all(a[0] == 200 and a[1]["status"] == "queued" for a in answers[:10] + answers[11:]), answers
+    assert len(await rows(db)) == 20
+    month = datetime.now(UTC).strftime("%Y-%m")
+    assert await redis_client.get(f"usage:{site.id}:{month}") == "20"
+    assert len(published_events(await drain_queue(amqp_url))) == 20
+
+
 async def test_repeats_of_an_uncaptured_event_are_never_answered_duplicate(
     settings: Settings, db: asyncpg.Connection, make_site: MakeSite, amqp_url: str
 ) -> None:

@@ -5,8 +5,31 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from shared.events import MAX_BODY_BYTES, ShapeError, event_problem, parse_sync_body
+from shared.events import (
+    MAX_BODY_BYTES,
+    MAX_NESTING,
+    ShapeError,
+    event_problem,
+    nesting_depth,
+    parse_sync_body,
+)
 from shared.rate_limit import LocalRateLimiter, RateLimitAsk, client_ip, retry_after_seconds
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b'{"s": "a", "url": ""}',  # any string: billing must not depend on what the page reported
+        b'{"s": "a", "url": "", "u": "https://x"}',
+        b'{"s": "a", "u": "   "}',
+        b'{"s": "a", "url": "u", "ts": "1700000000000"}',  # not a number: ignored, server time is used
+        b'{"s": "a", "url": "u", "ts": true}',
+        b'{"s": "a", "url": "u", "ts": {"ms": 1}}',
+    ],
+)
+def test_events_the_spec_allows_are_not_refused(raw: bytes) -> None:
+    """A 400 is never retried: refusing what SPEC §3/§4 allow would lose the event."""
+    assert parse_sync_body(raw).events[0].error is None
 
 
 def test_single_event_and_batch_parse() -> None:
@@ -23,9 +46,10 @@ def test_single_event_and_batch_parse() -> None:
         (b"null", "invalid_json"),
         (b'"s"', "invalid_json"),
         (b'{"s": ""}', "invalid_payload"),
-        (b'{"s": "a", "url": ""}', "invalid_payload"),
+        (b'{"s": "a", "url": null}', "invalid_payload"),
+        (b'{"s": "a", "url": 1}', "invalid_payload"),
+        (b'{"s": "a", "url": null, "u": ["x"]}', "invalid_payload"),
         (b'{"s": "a", "url": "u", "ev": true}', "invalid_payload"),
-        (b'{"s": "a", "url": "u", "ts": "now"}', "invalid_payload"),
         (b'{"s": "a", "url": "u", "meta": []}', "invalid_payload"),
         (b'{"s": "a", "url": "u", "meta": {"fp": 1}}', "invalid_payload"),
         (b'{"events": {}}', "invalid_batch"),
@@ -61,7 +85,10 @@ def test_any_json_value_is_either_valid_or_a_shape_error(value: object) -> None:
     except ShapeError as exc:
         assert exc.code in {"invalid_json", "invalid_payload", "invalid_batch", "payload_too_large"}
     else:
-        assert body.events and all(e.error is None or event_problem(e.event) for e in body.events)
+        assert body.events and all(
+            e.error is None or event_problem(e.event) or nesting_depth(e.event) > MAX_NESTING
+            for e in body.events
+        )
 
 
 TRUSTED = (ipaddress.ip_network("10.0.0.0/8"), ipaddress.ip_network("127.0.0.1/32"))

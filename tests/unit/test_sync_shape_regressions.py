@@ -5,7 +5,7 @@ from __future__ import annotations
 import orjson
 import pytest
 
-from shared.events import ShapeError, parse_sync_body
+from shared.events import MAX_NESTING, ShapeError, nesting_depth, parse_sync_body
 
 
 @pytest.mark.parametrize("site", [{}, [], {"a": 1}, ["site-a"]])
@@ -21,3 +21,40 @@ def test_batch_whose_sites_differ_only_in_type_is_invalid_batch() -> None:
     with pytest.raises(ShapeError) as exc:
         parse_sync_body(body)
     assert exc.value.code == "invalid_batch"
+
+
+def _nested_json(levels: int) -> bytes:
+    """`levels` arrays and objects, alternating, around a string (orjson cannot write > 254 levels)."""
+    opening = b"".join(b"[" if level % 2 else b'{"k":' for level in range(levels))
+    closing = b"".join(b"]" if level % 2 else b"}" for level in reversed(range(levels)))
+    return opening + b'"leaf"' + closing
+
+
+def _nested(levels: int) -> object:
+    return orjson.loads(_nested_json(levels))
+
+
+@pytest.mark.parametrize("levels", [MAX_NESTING - 1, MAX_NESTING + 1, 300])
+def test_an_event_nested_too_deep_for_its_message_is_refused_at_the_door(levels: int) -> None:
+    """orjson reads ~1,000 levels but writes 254, and a batch message adds two: such an event once passed
+    the shape gate and then failed its whole capture group (500 for every request in it)."""
+    raw = b'{"s":"site-a","url":"https://x.example/","x":' + _nested_json(levels) + b"}"
+    event = orjson.loads(raw)
+    depth = levels + 1  # the event object itself is a level
+    if depth <= MAX_NESTING:
+        body = parse_sync_body(raw)
+        assert orjson.dumps({"events": [body.events[0].event]})  # the message can be built
+        batch = parse_sync_body(orjson.dumps({"events": [event, event]}))
+        assert [shape.error for shape in batch.events] == [None, None]
+        return
+    with pytest.raises(ShapeError) as info:
+        parse_sync_body(raw)
+    assert info.value.code == "invalid_payload" and "deep" in info.value.detail
+    fine = b'{"s":"site-a","url":"https://x.example/"}'
+    batch = parse_sync_body(b'{"events":[' + fine + b"," + raw + b"]}")
+    assert [shape.error for shape in batch.events] == [None, "invalid_payload"]
+
+
+def test_nesting_depth_counts_arrays_and_objects() -> None:
+    assert nesting_depth("x") == 0 and nesting_depth([]) == 1 and nesting_depth({"a": [1, {"b": []}]}) == 4
+    assert nesting_depth(_nested(500)) == MAX_NESTING + 1  # counted no further than needed
