@@ -129,6 +129,22 @@ class _DataRejected(Exception):
     so it cannot fail the others."""
 
 
+def _uncaptured_rows(rows: list[_Row], failed: set[int]) -> list[_Row]:
+    """The new rows to remove when the requests `failed` (indices) end uncaptured; `failed` grows.
+
+    A request that repeats one of those events fails with them: its answer cannot claim the repeat as
+    a duplicate of a capture that did not happen, and a 503 must leave none of its rows (SPEC §1.5),
+    so a batch that holds such a repeat loses its other rows too, even those already published (its
+    retry re-captures them; downstream dedups on the idempotency key). Repeated to a fixed point.
+    """
+    while True:
+        discarded = [row for row in rows if row.request_index in failed and row.new]
+        repeating = {r_index for row in discarded for r_index, _ in row.repeats} - failed
+        if not repeating:
+            return discarded
+        failed |= repeating
+
+
 def _subtract(counts: dict[str, int], taken: dict[str, int]) -> None:
     for key, amount in taken.items():
         left = counts.get(key, 0) - amount
@@ -510,7 +526,7 @@ class IngestPipeline:
             return {}
         # Neither captured them: every row of those requests goes, so their retries start afresh.
         failed = set(unconfirmed)
-        discarded = [row for row in rows if row.request_index in failed and row.new]
+        discarded = _uncaptured_rows(rows, failed)
         await conn.execute(
             query("ingest_discard_rows"),
             [r.site.id for r in discarded],
@@ -524,10 +540,6 @@ class IngestPipeline:
                 release[key] = release.get(key, 0) + 1
         for i in failed:
             results[i] = [EventResult(EventStatus.CAPTURE_FAILED)] * len(requests[i].events)
-        # A repeat of a discarded event within the group is not a duplicate of anything captured.
-        for row in discarded:
-            for r_index, e_index in row.repeats:
-                results[r_index][e_index] = EventResult(EventStatus.CAPTURE_FAILED)
         return release
 
     def _message(self, request: CaptureRequest, rows: list[_Row]) -> OutgoingMessage:

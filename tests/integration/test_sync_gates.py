@@ -548,3 +548,57 @@ async def test_repeats_of_an_uncaptured_event_are_never_answered_duplicate(
         await proxy.close()
     assert [a[0] for a in answers] == [503] * 12, [a[1] for a in answers]
     assert await rows(db) == []
+
+
+async def test_a_batch_repeating_an_uncaptured_event_leaves_none_of_its_rows(
+    settings: Settings, db: asyncpg.Connection, make_site: MakeSite, amqp_url: str, redis_client: Any,
+    monkeypatch: Any,
+) -> None:
+    """One capture group: request A is event X alone, batch B is [X, Y]. The broker confirms B's message
+    but not A's, and the buffer refuses A's row. B's X is a repeat of A's X, which is removed, so B must
+    answer 503 and leave no row: before, Y stayed billed under B's 503 and B's retry billed Y again."""
+    from services.gateway.sync import SYNC_GATE
+    from shared.idempotency import compute_key
+    from shared.ingest import CaptureEvent, CaptureRequest, EventStatus
+    from shared.publisher import EventPublisher, OutgoingMessage, PublishFailed
+
+    site_row = await make_site(monthly_limit=10)
+    await db.execute(
+        """CREATE FUNCTION refuse_buffer() RETURNS trigger LANGUAGE plpgsql AS
+           $$ BEGIN RAISE EXCEPTION 'disk full'; END $$;
+           CREATE TRIGGER refuse_buffer BEFORE INSERT ON ingest_fallback_buffer
+           FOR EACH ROW EXECUTE FUNCTION refuse_buffer();"""
+    )
+    confirm = EventPublisher.publish_many
+
+    async def unconfirmed_singles(
+        self: EventPublisher, messages: list[OutgoingMessage]
+    ) -> list[PublishFailed | None]:
+        """The broker really confirms the batch message; the single-event message is reported lost."""
+        outcomes = await confirm(self, [m for m in messages if m.headers])
+        confirmed = iter(outcomes)
+        return [next(confirmed) if m.headers else PublishFailed("confirm_timeout") for m in messages]
+
+    monkeypatch.setattr(EventPublisher, "publish_many", unconfirmed_singles)
+    async with gateway_client(settings) as client:
+        await wait_for_amqp(client)
+        gate = client.app[SYNC_GATE]
+        site = await gate.sites.get("site-a")
+        now = datetime.now(UTC)
+        server_ms = int(now.timestamp() * 1000)
+
+        def capture_event(body: dict[str, Any]) -> CaptureEvent:
+            return CaptureEvent(body, compute_key(site.id, body, server_ms), now, billing_reason=None)
+
+        x, y = event(ec="c", ea="e"), event()
+        a = CaptureRequest(site, [capture_event(x)], is_batch=False, client_ip="1.2.3.4", user_agent="t")
+        b = CaptureRequest(
+            site, [capture_event(x), capture_event(y)], is_batch=True, client_ip="1.2.3.4", user_agent="t"
+        )
+        results = await gate.pipeline._capture_group([a, b])  # noqa: SLF001 - one group, by construction
+    assert all(not isinstance(r, Exception) for r in results), results
+    statuses = [[e.status for e in r.events] for r in results]  # type: ignore[union-attr]
+    assert statuses == [[EventStatus.CAPTURE_FAILED], [EventStatus.CAPTURE_FAILED] * 2]
+    assert await rows(db) == []  # a 503 leaves no row: B's retry is processed afresh
+    month = datetime.now(UTC).strftime("%Y-%m")
+    assert await redis_client.get(f"usage:{site_row.id}:{month}") == "0"  # every reservation given back
