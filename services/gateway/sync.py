@@ -11,7 +11,7 @@ from typing import Any
 
 from aiohttp import web
 
-from services.gateway.context import CONTEXT, REQUEST_SITE, GatewayContext
+from services.gateway.context import CONTEXT, REQUEST_SITE, GatewayContext, request_id
 from services.gateway.responses import error_response, json_response
 from shared.db import SERVICE_ROLE, close_pool, create_pool, keep_session_state
 from shared.events import EventShape, ShapeError, SyncBody, parse_sync_body
@@ -145,7 +145,9 @@ def _capture_request(
 
 
 def _gate_closed(request: web.Request, exc: BaseException) -> web.Response:
-    log.error("BILLING_GATE_CLOSED", site=request.get(REQUEST_SITE), error=str(exc))
+    log.error(
+        "BILLING_GATE_CLOSED", request_id=request_id(request), site=request.get(REQUEST_SITE), error=str(exc)
+    )
     return error_response(500, "billing_gate_closed", gate_status="billing_gate_closed")
 
 

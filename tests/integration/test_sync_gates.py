@@ -214,9 +214,11 @@ async def test_degraded_capture_when_broker_unreachable(
 
 
 async def test_postgres_unreachable_closes_the_gate(
-    settings: Settings, db: asyncpg.Connection, make_site: MakeSite, amqp_url: str
+    settings: Settings, db: asyncpg.Connection, make_site: MakeSite, amqp_url: str, redis_client: Any
 ) -> None:
-    await make_site(monthly_limit=10)
+    from structlog.testing import capture_logs
+
+    site = await make_site(monthly_limit=10)
     proxy = await TcpProxy("127.0.0.1", 5432).start()
     database = settings.database_url.rsplit("/", 1)[1]
     proxied = settings.with_overrides(database_url=f"postgresql://postgres@127.0.0.1:{proxy.port}/{database}")
@@ -225,7 +227,8 @@ async def test_postgres_unreachable_closes_the_gate(
             await wait_for_amqp(client)
             assert (await post(client, event()))[0] == 200  # site now cached
             await proxy.cut()
-            status, body, headers = await post(client, event())
+            with capture_logs() as logs:
+                status, body, headers = await post(client, event())
             cold_status, cold_body, _ = await post(client, event(site="site-unknown-to-cache"))
             ready = await client.get("/readyz")
             assert ready.status == 503
@@ -236,8 +239,14 @@ async def test_postgres_unreachable_closes_the_gate(
     assert body == {"ok": False, "error": "billing_gate_closed", "status": "billing_gate_closed"}
     assert headers["x-opsmantik-error-code"] == "billing_gate_closed"
     assert cold_body["error"] == "billing_gate_closed"
+    [closed] = [line for line in logs if line["event"] == "BILLING_GATE_CLOSED"]
+    assert closed["request_id"] == headers["x-request-id"]  # the operator can find the answer's line
+    # SPEC §1.6: nothing published, nothing buffered, no counter touched.
     assert len(await rows(db)) == 1
     assert len(await drain_queue(amqp_url)) == 1  # only the event sent before the cut
+    assert await db.fetchval("SELECT count(*) FROM ingest_fallback_buffer") == 0
+    month = datetime.now(UTC).strftime("%Y-%m")
+    assert await redis_client.get(f"usage:{site.id}:{month}") == "1"
 
 
 async def test_broker_and_buffer_both_failing_is_503_with_no_row(
