@@ -57,6 +57,24 @@ CORS_HEADERS = {
     "Access-Control-Allow-Headers": "Content-Type",
     "Access-Control-Max-Age": "86400",
 }
+# What a page's script may read of a POST answer beyond the safelisted headers: without them a tracker
+# using fetch() sees every answer as a network error, and a retry after the 5 s bucket bills again.
+EXPOSED_HEADERS = ", ".join(
+    (
+        "Retry-After",
+        "x-request-id",
+        "x-opsmantik-commit",
+        "x-opsmantik-branch",
+        "x-opsmantik-dedup",
+        "x-opsmantik-quota-remaining",
+        "x-opsmantik-quota-exceeded",
+        "x-opsmantik-overage",
+        "x-opsmantik-degraded",
+        "x-opsmantik-fallback",
+        "x-opsmantik-ratelimit",
+        "x-opsmantik-error-code",
+    )
+)
 
 
 @dataclass(slots=True)
@@ -76,6 +94,17 @@ SYNC_GATE = web.AppKey("sync_gate", SyncGate)
 
 
 async def sync_post(request: web.Request) -> web.Response:
+    """The gates of SPEC §3; a browser's page may read the answer unless its Origin was refused."""
+    response = await _gates(request)
+    origin = request.headers.get("Origin")
+    if origin and response.status != 403:
+        response.headers["Access-Control-Allow-Origin"] = origin
+        response.headers["Access-Control-Expose-Headers"] = EXPOSED_HEADERS
+        response.headers["Vary"] = "Origin"
+    return response
+
+
+async def _gates(request: web.Request) -> web.Response:
     gate = request.app[SYNC_GATE]
     settings = gate.context.settings
     try:

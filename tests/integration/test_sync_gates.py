@@ -359,6 +359,31 @@ async def test_method_not_allowed_and_cors_preflight(gateway: Client) -> None:
     assert preflight.headers["Access-Control-Max-Age"] == "86400"
 
 
+async def test_a_page_may_read_the_answers_of_its_allowed_origin(
+    gateway: Client, make_site: MakeSite
+) -> None:
+    """A tracker posting with fetch() must be able to read `duplicate`, 429 and Retry-After; an answer
+    it cannot read looks like a network error, and a retry after the 5 s bucket is billed again."""
+    await make_site(origins=["https://shop.example"], rate_limit_per_minute=2)
+    shop = {"Origin": "https://shop.example"}
+    same = event()
+    answers = [await post(gateway, same, **shop) for _ in range(2)]
+    answers.append(await post(gateway, event(), **shop))  # the third event of the minute: rate limited
+    answers.append(await post(gateway, b"{", **shop))  # bad input: the page may read why
+    assert [(a[0], a[1].get("status", a[1].get("error"))) for a in answers] == [
+        (200, "queued"), (200, "duplicate"), (429, "rate_limited"), (400, "invalid_json"),
+    ]  # fmt: skip
+    for _status, _body, headers in answers:
+        assert headers["Access-Control-Allow-Origin"] == "https://shop.example"
+        assert headers["Vary"] == "Origin"
+        exposed = {h.strip().lower() for h in headers["Access-Control-Expose-Headers"].split(",")}
+        assert {"x-opsmantik-dedup", "retry-after", "x-opsmantik-ratelimit", "x-request-id"} <= exposed
+    refused_status, _, refused = await post(gateway, event(), Origin="https://evil.example")
+    assert refused_status == 403 and "Access-Control-Allow-Origin" not in refused
+    _, _, server_side = await post(gateway, event())  # no Origin: a server-side sender, no CORS headers
+    assert "Access-Control-Allow-Origin" not in server_side
+
+
 async def test_batch_results_in_order_with_in_batch_duplicate(
     gateway: Client, db: asyncpg.Connection, make_site: MakeSite, amqp_url: str
 ) -> None:
