@@ -86,20 +86,23 @@ async def test_concurrent_requests_never_overshoot(
     await assert_published(amqp_url, expected["queued"])
 
 
+@pytest.mark.parametrize("soft", [False, True])
 async def test_exact_across_two_gateway_processes(
-    settings: Settings, db: asyncpg.Connection, make_site: MakeSite, amqp_url: str
+    settings: Settings, db: asyncpg.Connection, make_site: MakeSite, amqp_url: str, soft: bool
 ) -> None:
-    await make_site(monthly_limit=50, soft=True, multiplier="2")
+    """SPEC §1.7 as stated (soft limits off: exactly N), and the soft ceiling N×H, across processes."""
+    await make_site(monthly_limit=50, soft=soft, multiplier="2")
     gateways = await GatewayProcesses(settings_env(settings), free_port(), workers=2).start()
     try:
         async with ClientSession(connector=TCPConnector(limit=200, force_close=True)) as session:
             tally = await fire(session, f"{gateways.url}/api/sync", distinct_events(EVENTS))
     finally:
         assert gateways.stop() == 0
-    assert dict(tally) == {"queued": 100, "rejected_quota": 100}
+    queued = 100 if soft else 50
+    assert dict(tally) == {"queued": queued, "rejected_quota": EVENTS - queued}
     rows = await billing(db)
-    assert (rows["billable_ACCEPTED"], rows["billable_OVERAGE"]) == (50, 50)
-    await assert_published(amqp_url, 100)
+    assert (rows["billable_ACCEPTED"], rows["billable_OVERAGE"]) == (50, 50 if soft else 0)
+    await assert_published(amqp_url, queued)
 
 
 async def test_exact_when_redis_stops_mid_run(
