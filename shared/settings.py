@@ -10,6 +10,8 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 IpNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+# DATABASE_ROLE's value for "no SET ROLE: the login user's own rights".
+LOGIN_ROLE = "login"
 
 
 class SettingsError(ValueError):
@@ -39,6 +41,10 @@ class Settings:
     gateway_port: int = 8080
     site_cache_ttl_s: float = 30.0
     log_level: str = "info"
+    # The role the fleet's pools SET on each connection (SPEC §7: the fleet works as revkernel_service).
+    # None (DATABASE_ROLE=login): work as the login user, for a transaction-mode pooler, where a
+    # session's SET ROLE would outlive its client (docs/operations.md).
+    database_role: str | None = "revkernel_service"
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -81,6 +87,9 @@ class Settings:
             ("LOG_LEVEL", "log_level"),
         ]:
             text(name, attr)
+        role = env.get("DATABASE_ROLE", "").strip()
+        if role:
+            values["database_role"] = None if role == LOGIN_ROLE else role
         number("IDEMPOTENCY_VERSION", "idempotency_version", int, 1)
         number("RATE_LIMIT_PER_MINUTE", "rate_limit_per_minute", int, 1)
         number("DEFAULT_MONTHLY_LIMIT", "default_monthly_limit", int, 0)

@@ -31,7 +31,7 @@ from aiohttp import web
 from shared import worker_metrics
 from shared.amqp import connect_robust, declare_topology, reconnect_delays
 from shared.commands import CommandConsumer, CommandHandler
-from shared.db import SERVICE_ROLE, create_pool
+from shared.db import create_pool
 from shared.logging import get_logger
 from shared.redis_client import create_redis
 from shared.settings import Settings
@@ -145,7 +145,7 @@ class Worker:
             min_size=0,
             max_size=self.pool_max_size,
             timeout=3.0,
-            role=SERVICE_ROLE,
+            role=self.settings.database_role,
         )
         self.redis = create_redis(self.settings.redis_url, timeout_s=1.0)
 

@@ -15,7 +15,7 @@ from services.cli import CliError, run_async
 from services.cli_types import positive_float, positive_int, print_json, year_month
 from services.freezer.main import Freezer, FreezerConfig
 from shared.buildinfo import resolve_build_info
-from shared.db import SERVICE_ROLE, create_pool
+from shared.db import create_pool
 from shared.freeze import FreezeRefused, freeze_month
 from shared.retention import RetentionSettings, run_retention
 from shared.settings import Settings
@@ -39,7 +39,7 @@ def cmd_freezer(args: argparse.Namespace, settings: Settings) -> int:
 
 async def _pool(settings: Settings) -> asyncpg.Pool:
     try:
-        return await create_pool(settings.database_url, min_size=1, max_size=10, role=SERVICE_ROLE)
+        return await create_pool(settings.database_url, min_size=1, max_size=10, role=settings.database_role)
     except (OSError, asyncpg.PostgresError) as exc:
         raise CliError(f"cannot reach Postgres: {exc}") from exc
 

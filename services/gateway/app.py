@@ -13,7 +13,7 @@ from services.gateway.context import CONTEXT, REQUEST_ID, REQUEST_SITE, SETTINGS
 from services.gateway.responses import error_response
 from shared.billing_counters import BillingCounters
 from shared.buildinfo import resolve_build_info
-from shared.db import SERVICE_ROLE, close_pool, create_pool
+from shared.db import close_pool, create_pool
 from shared.ids import new_request_id
 from shared.logging import get_logger, log_request
 from shared.publisher import EventPublisher
@@ -72,7 +72,9 @@ async def request_context(request: web.Request, handler: Handler) -> web.StreamR
 async def _clients(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     # min_size=0: the gateway starts (and answers 500 billing_gate_closed) while Postgres is down.
-    pool = await create_pool(settings.database_url, min_size=0, max_size=16, timeout=2.0, role=SERVICE_ROLE)
+    pool = await create_pool(
+        settings.database_url, min_size=0, max_size=16, timeout=2.0, role=settings.database_role
+    )
     redis = create_redis(settings.redis_url)
     publisher = EventPublisher(settings.amqp_url, timeout_ms=settings.publish_timeout_ms)
     await publisher.start()

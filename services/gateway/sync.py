@@ -13,7 +13,7 @@ from aiohttp import web
 
 from services.gateway.context import CONTEXT, REQUEST_SITE, GatewayContext, request_id
 from services.gateway.responses import error_response, json_response
-from shared.db import SERVICE_ROLE, close_pool, create_pool, keep_session_state
+from shared.db import close_pool, create_pool, keep_session_state
 from shared.events import EventShape, ShapeError, SyncBody, parse_sync_body
 from shared.idempotency import compute_key
 from shared.ingest import (
@@ -332,7 +332,7 @@ async def _sync_gate(app: web.Application) -> AsyncIterator[None]:
         timeout=2.0,
         reset=keep_session_state,
         session_settings=CAPTURE_SESSION_SETTINGS,
-        role=SERVICE_ROLE,
+        role=settings.database_role,
     )
     scripts = GateScripts(settings.redis_url)  # one connection, shared by the rate limit and the capture
     app[SYNC_GATE] = gate = SyncGate(

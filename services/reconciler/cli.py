@@ -60,11 +60,11 @@ def cmd_reconciler(args: argparse.Namespace, settings: Settings) -> int:
 async def _with_clients(settings: Settings, work: Any) -> Any:
     import asyncpg
 
-    from shared.db import SERVICE_ROLE, create_pool
+    from shared.db import create_pool
     from shared.redis_client import create_redis
 
     try:
-        pool = await create_pool(settings.database_url, min_size=1, max_size=4, role=SERVICE_ROLE)
+        pool = await create_pool(settings.database_url, min_size=1, max_size=4, role=settings.database_role)
     except (OSError, asyncpg.PostgresError) as exc:
         raise CliError(f"cannot reach Postgres: {exc}") from exc
     redis = create_redis(settings.redis_url, timeout_s=1.0)

@@ -52,3 +52,20 @@ async def test_a_worker_s_pool_runs_as_the_service_role(settings: Settings) -> N
     finally:
         await close_pool(worker.pool)
         await worker.redis.aclose()
+
+
+async def test_database_role_login_keeps_the_login_user(settings: Settings) -> None:
+    """Behind a transaction-mode pooler a session's SET ROLE would outlive its client, so the fleet
+    can be told to work as its login user (which must then hold only the service role's rights)."""
+    worker = Worker(
+        name="reconciler", settings=settings.with_overrides(database_role=None),
+        command_queue=RECONCILER_QUEUE, http_port=0,
+    )  # fmt: skip
+    await worker.open_clients()
+    try:
+        assert await worker.pool.fetchval("SELECT current_user") == await worker.pool.fetchval(
+            "SELECT session_user"
+        )
+    finally:
+        await close_pool(worker.pool)
+        await worker.redis.aclose()

@@ -30,6 +30,7 @@ def test_empty_environment_gives_the_spec_defaults() -> None:
     assert (s.gateway_host, s.gateway_port) == ("0.0.0.0", 8080)
     assert s.site_cache_ttl_s == 30.0
     assert s.log_level == "info"
+    assert s.database_role == "revkernel_service"
 
 
 def test_every_variable_is_read() -> None:
@@ -55,6 +56,7 @@ def test_every_variable_is_read() -> None:
         "GATEWAY_PORT": "9080",
         "SITE_CACHE_TTL_S": "0",
         "LOG_LEVEL": "debug",
+        "DATABASE_ROLE": "billing_fleet",
     }
     s = Settings.from_env(env)
     assert s == Settings(
@@ -83,7 +85,13 @@ def test_every_variable_is_read() -> None:
         gateway_port=9080,
         site_cache_ttl_s=0.0,
         log_level="debug",
+        database_role="billing_fleet",
     )
+
+
+def test_database_role_login_means_no_set_role() -> None:
+    assert Settings.from_env({"DATABASE_ROLE": "login"}).database_role is None
+    assert Settings.from_env({"DATABASE_ROLE": " "}).database_role == "revkernel_service"
 
 
 def test_blank_values_mean_the_default() -> None:
