@@ -124,10 +124,11 @@ NESTING_PROBLEM = f"an event must not nest arrays and objects more than {MAX_NES
 def _content_problem(event: Any, check_nul: bool, check_nesting: bool) -> str | None:
     """What the field rules do not see: NUL characters and nesting, checked only when the raw body
     could hold them."""
-    if check_nul and contains_nul(event):
-        return NUL_PROBLEM
+    # Nesting first: `contains_nul` recurses, so it may only walk events known to be shallow.
     if check_nesting and nesting_depth(event) > MAX_NESTING:
         return NESTING_PROBLEM
+    if check_nul and contains_nul(event):
+        return NUL_PROBLEM
     return None
 
 

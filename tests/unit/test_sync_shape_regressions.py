@@ -58,3 +58,16 @@ def test_an_event_nested_too_deep_for_its_message_is_refused_at_the_door(levels:
 def test_nesting_depth_counts_arrays_and_objects() -> None:
     assert nesting_depth("x") == 0 and nesting_depth([]) == 1 and nesting_depth({"a": [1, {"b": []}]}) == 4
     assert nesting_depth(_nested(500)) == MAX_NESTING + 1  # counted no further than needed
+
+
+@pytest.mark.parametrize("levels", [500, 1000])
+def test_a_deep_event_holding_a_nul_is_refused_not_a_recursion_error(levels: int) -> None:
+    raw = b'{"s":"site-a","url":"https://x.example/","x":' + _nested_json(levels).replace(
+        b'"leaf"', b'"a\\u0000b"'
+    ) + b"}"
+    with pytest.raises(ShapeError) as info:
+        parse_sync_body(raw)
+    assert info.value.code == "invalid_payload" and "deep" in info.value.detail
+    fine = b'{"s":"site-a","url":"https://x.example/"}'
+    batch = parse_sync_body(b'{"events":[' + fine + b"," + raw + b"]}")
+    assert [shape.error for shape in batch.events] == [None, "invalid_payload"]
