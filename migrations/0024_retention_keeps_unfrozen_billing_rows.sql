@@ -6,31 +6,32 @@
 -- month) lost its rows: retention dropped the partition before the start-up freeze counted it (no
 -- invoice at all), or between the freeze's site list and its count (an immutable zero invoice).
 -- Now a partition holding a billable row of a (site, month) without a snapshot is not dropped
--- ('unfrozen_rows'), and trimming deletes only rows that are not billable or whose (site, month) is
--- frozen. Once the freezer has frozen the month, the next run removes them.
+-- ('unfrozen_rows'; shared/retention.py leaves it whole rather than deleting its other rows one by
+-- one), and trimming a partly expired partition deletes only rows that are not billable or whose
+-- (site, month) is frozen. Once the freezer has frozen the month, the next run drops it.
 
--- The months a partition's rows can bill to: rows are partitioned by bucket_at, billed by created_at's
--- UTC month, and the two differ by less than a bucket, so a month partition holds rows of its month
--- and, at its edges, of the months next to it.
-CREATE FUNCTION ingest_idempotency_partition_year_months(p_month date) RETURNS text[]
-LANGUAGE sql IMMUTABLE STRICT AS $$
-    SELECT ARRAY[to_char(p_month - interval '1 month', 'YYYY-MM'), to_char(p_month, 'YYYY-MM'),
-                 to_char(p_month + interval '1 month', 'YYYY-MM')]
-$$;
-
--- True when partition `rel` holds a billable row of a (site, month) with no invoice snapshot: one
--- probe of the partition's billable index per site and month, not a scan of the month.
-CREATE FUNCTION ingest_idempotency_has_unfrozen_rows(rel regclass, p_year_months text[]) RETURNS boolean
+-- True when partition `rel` holds a billable row of a (site, month) with no invoice snapshot. Rows are
+-- partitioned by bucket_at but billed by created_at's month, and rows written by SQL (an import) may
+-- put the two far apart, so the check takes the (site, month) pairs the partition really holds: a
+-- loose scan of its billable index, one descent per distinct pair, never a scan of the month.
+CREATE FUNCTION ingest_idempotency_has_unfrozen_rows(rel regclass) RETURNS boolean
 LANGUAGE plpgsql STABLE SET search_path = public, pg_temp AS $$
 DECLARE
     found_one boolean;
 BEGIN
     EXECUTE format(
-        'SELECT EXISTS (SELECT 1 FROM sites s CROSS JOIN unnest($1::text[]) AS m (ym) '
-        || 'WHERE NOT EXISTS (SELECT 1 FROM invoice_snapshot n WHERE n.site_id = s.id AND n.year_month = m.ym) '
-        || 'AND EXISTS (SELECT 1 FROM %s i WHERE i.site_id = s.id AND i.year_month = m.ym AND i.billable))',
+        'WITH RECURSIVE pairs (site_id, year_month) AS ('
+        || '  (SELECT i.site_id, i.year_month FROM %1$s i WHERE i.billable'
+        || '   ORDER BY i.site_id, i.year_month LIMIT 1)'
+        || '  UNION ALL'
+        || '  SELECT n.site_id, n.year_month FROM pairs p CROSS JOIN LATERAL ('
+        || '    SELECT i.site_id, i.year_month FROM %1$s i'
+        || '    WHERE i.billable AND (i.site_id, i.year_month) > (p.site_id, p.year_month)'
+        || '    ORDER BY i.site_id, i.year_month LIMIT 1) AS n'
+        || ') SELECT EXISTS (SELECT 1 FROM pairs WHERE NOT EXISTS ('
+        || '  SELECT 1 FROM invoice_snapshot s WHERE s.site_id = pairs.site_id AND s.year_month = pairs.year_month))',
         rel)
-        INTO found_one USING p_year_months;
+        INTO found_one;
     RETURN found_one;
 END
 $$;
@@ -59,7 +60,7 @@ BEGIN
         IF has_live THEN
             RETURN 'unexpired_rows';
         END IF;
-        IF ingest_idempotency_has_unfrozen_rows(rel, ingest_idempotency_partition_year_months(part_month)) THEN
+        IF ingest_idempotency_has_unfrozen_rows(rel) THEN
             RETURN 'unfrozen_rows';
         END IF;
         EXECUTE format('DROP TABLE %s', rel);
@@ -106,5 +107,4 @@ BEGIN
 END
 $$;
 
-REVOKE ALL ON FUNCTION ingest_idempotency_partition_year_months(date) FROM PUBLIC;
-REVOKE ALL ON FUNCTION ingest_idempotency_has_unfrozen_rows(regclass, text[]) FROM PUBLIC;
+REVOKE ALL ON FUNCTION ingest_idempotency_has_unfrozen_rows(regclass) FROM PUBLIC;

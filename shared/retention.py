@@ -155,11 +155,12 @@ async def run_retention(
             if outcome == "protected":
                 # The database's clock says this month is still open (the caller's clock is ahead).
                 continue
-            for_trim.append(partition)
             if outcome == "unfrozen_rows":
+                # Left whole: dropped once frozen, instead of deleting its other rows one by one now.
                 report.unfrozen.append(partition)
-            else:
-                report.kept.append(partition)
+                continue
+            for_trim.append(partition)
+            report.kept.append(partition)
         if DEFAULT_PARTITION in names:
             for_trim.append(DEFAULT_PARTITION)
         for partition in for_trim:

@@ -186,34 +186,24 @@ async def test_billable_rows_no_snapshot_counted_are_kept_until_their_month_is_f
     db: asyncpg.Connection, site: uuid.UUID, database_url: str
 ) -> None:
     """The invoice of a month without a snapshot is the live COUNT of its billable rows: retention must
-    not remove one of them, however expired, or the freeze that comes later invoices less (or nothing)."""
+    not remove one of them, however expired, or the freeze that comes later invoices less (or nothing).
+    Such a partition is left whole (not emptied row by row) and dropped once the month is frozen."""
     await db.execute(
         "SELECT ingest_idempotency_ensure_partitions($1::date, 1)", month_start(EXPIRED_MONTH).date()
     )
     other: uuid.UUID = await db.fetchval("INSERT INTO sites (public_id) VALUES ('frozen-site') RETURNING id")
     at = month_start(EXPIRED_MONTH) + timedelta(days=3)
-    for i in range(4):
+    for i in range(3):
         await add_row(db, site, f"unfrozen-{i}", bucket_at=at + timedelta(minutes=i))
     await add_row(db, other, "frozen-0", bucket_at=at)
     await freeze(db, other, EXPIRED_MONTH)
-    await db.execute(
-        "UPDATE ingest_idempotency SET billable = false, billing_reason = 'rejected_quota'"
-        " WHERE idempotency_key = 'unfrozen-3'"
-    )
 
     report = await run_retention(await as_service(db))
     await db.execute("RESET ROLE")
-    assert report.dropped == [] and report.unfrozen == [part(EXPIRED_MONTH)]
-    # Trimmed: the frozen site's row and the unfrozen site's rejected (not billable) row; kept: the
-    # three billable rows no snapshot has counted.
-    assert report.trimmed == {part(EXPIRED_MONTH): 2}
-    assert await keys(db) == {"unfrozen-0", "unfrozen-1", "unfrozen-2"}
-    assert (
-        await db.fetchval("SELECT ingest_idempotency_drop_expired_partition($1)", part(EXPIRED_MONTH))
-        == "unfrozen_rows"
-    )
+    assert (report.dropped, report.unfrozen, report.trimmed) == ([], [part(EXPIRED_MONTH)], {})
+    assert await keys(db) == {"unfrozen-0", "unfrozen-1", "unfrozen-2", "frozen-0"}
 
-    # The freezer catches up; the next run removes the month.
+    # The freezer catches up; the next run drops the month.
     pool = await create_pool(database_url, min_size=1, max_size=2)
     try:
         frozen = await freeze_month(pool, EXPIRED_MONTH, commit_sha="c", generated_by="t")
@@ -231,6 +221,63 @@ async def test_billable_rows_no_snapshot_counted_are_kept_until_their_month_is_f
     again = await run_retention(await as_service(db))
     await db.execute("RESET ROLE")
     assert again.dropped == [part(EXPIRED_MONTH)] and again.unfrozen == []
+
+
+async def test_an_imported_row_billed_to_a_distant_month_keeps_its_partition(
+    db: asyncpg.Connection, site: uuid.UUID
+) -> None:
+    """Rows are partitioned by bucket_at and billed by created_at's month; a row written by SQL may put
+    them months apart. The drop must look at the months the partition's rows really bill to."""
+    await db.execute(
+        "SELECT ingest_idempotency_ensure_partitions($1::date, 1)", month_start(EXPIRED_MONTH).date()
+    )
+    billed_month = add_months(EXPIRED_MONTH, -3)
+    await add_row(
+        db,
+        site,
+        "imported",
+        bucket_at=month_start(EXPIRED_MONTH) + timedelta(days=2),
+        created_at=month_start(billed_month) + timedelta(days=2),
+    )
+    await freeze(db, site, EXPIRED_MONTH)  # the partition's own month and its neighbours are frozen
+    await freeze(db, site, add_months(EXPIRED_MONTH, -1))
+    await freeze(db, site, add_months(EXPIRED_MONTH, 1))
+    await as_service(db)
+    assert (
+        await db.fetchval("SELECT ingest_idempotency_drop_expired_partition($1)", part(EXPIRED_MONTH))
+        == "unfrozen_rows"
+    )
+    await freeze(db, site, billed_month)
+    assert (
+        await db.fetchval("SELECT ingest_idempotency_drop_expired_partition($1)", part(EXPIRED_MONTH))
+        == "dropped"
+    )
+    await db.execute("RESET ROLE")
+
+
+async def test_trimming_a_partly_expired_partition_spares_unfrozen_billable_rows(
+    db: asyncpg.Connection, site: uuid.UUID
+) -> None:
+    await db.execute(
+        "SELECT ingest_idempotency_ensure_partitions($1::date, 1)", month_start(PARTLY_MONTH).date()
+    )
+    other: uuid.UUID = await db.fetchval("INSERT INTO sites (public_id) VALUES ('frozen-site') RETURNING id")
+    at = month_start(PARTLY_MONTH) + timedelta(days=3)
+    await add_row(db, site, "unfrozen-billable", bucket_at=at)
+    await add_row(db, site, "unfrozen-rejected", bucket_at=at + timedelta(minutes=1))
+    await db.execute(
+        "UPDATE ingest_idempotency SET billable = false, billing_reason = 'rejected_quota'"
+        " WHERE idempotency_key = 'unfrozen-rejected'"
+    )
+    await add_row(db, other, "frozen", bucket_at=at)
+    await add_row(db, other, "live", bucket_at=at, expires_at=NOW + timedelta(days=10))
+    await freeze(db, other, PARTLY_MONTH)
+
+    report = await run_retention(await as_service(db))
+    await db.execute("RESET ROLE")
+    # Deleted: the frozen site's expired row and the rejected (not billable) row.
+    assert report.trimmed == {part(PARTLY_MONTH): 2} and report.kept == [part(PARTLY_MONTH)]
+    assert await keys(db) == {"unfrozen-billable", "live"}
 
 
 async def test_freezer_start_up_invoices_an_expired_unfrozen_month_whole(
