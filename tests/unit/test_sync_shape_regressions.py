@@ -34,6 +34,16 @@ def _nested(levels: int) -> object:
     return orjson.loads(_nested_json(levels))
 
 
+def assert_refused_as_too_deep(raw: bytes) -> None:
+    """Alone: 400 invalid_payload naming the depth; in a batch: only that event is invalid."""
+    with pytest.raises(ShapeError) as info:
+        parse_sync_body(raw)
+    assert info.value.code == "invalid_payload" and "deep" in info.value.detail
+    fine = b'{"s":"site-a","url":"https://x.example/"}'
+    batch = parse_sync_body(b'{"events":[' + fine + b"," + raw + b"]}")
+    assert [shape.error for shape in batch.events] == [None, "invalid_payload"]
+
+
 @pytest.mark.parametrize("levels", [MAX_NESTING - 1, MAX_NESTING + 1, 300])
 def test_an_event_nested_too_deep_for_its_message_is_refused_at_the_door(levels: int) -> None:
     """orjson reads ~1,000 levels but writes 254, and a batch message adds two: such an event once passed
@@ -47,12 +57,7 @@ def test_an_event_nested_too_deep_for_its_message_is_refused_at_the_door(levels:
         batch = parse_sync_body(orjson.dumps({"events": [event, event]}))
         assert [shape.error for shape in batch.events] == [None, None]
         return
-    with pytest.raises(ShapeError) as info:
-        parse_sync_body(raw)
-    assert info.value.code == "invalid_payload" and "deep" in info.value.detail
-    fine = b'{"s":"site-a","url":"https://x.example/"}'
-    batch = parse_sync_body(b'{"events":[' + fine + b"," + raw + b"]}")
-    assert [shape.error for shape in batch.events] == [None, "invalid_payload"]
+    assert_refused_as_too_deep(raw)
 
 
 def test_nesting_depth_counts_arrays_and_objects() -> None:
@@ -65,9 +70,4 @@ def test_a_deep_event_holding_a_nul_is_refused_not_a_recursion_error(levels: int
     raw = b'{"s":"site-a","url":"https://x.example/","x":' + _nested_json(levels).replace(
         b'"leaf"', b'"a\\u0000b"'
     ) + b"}"
-    with pytest.raises(ShapeError) as info:
-        parse_sync_body(raw)
-    assert info.value.code == "invalid_payload" and "deep" in info.value.detail
-    fine = b'{"s":"site-a","url":"https://x.example/"}'
-    batch = parse_sync_body(b'{"events":[' + fine + b"," + raw + b"]}")
-    assert [shape.error for shape in batch.events] == [None, "invalid_payload"]
+    assert_refused_as_too_deep(raw)
