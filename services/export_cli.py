@@ -24,18 +24,22 @@ import asyncpg
 
 from services.cli import CliError, run_async
 from services.cli_types import year_month
-from shared.db import SERVICE_ROLE, connect, tenant_transaction
+from shared.db import connect, tenant_transaction
 from shared.dispute_export import ExportAccess, ExportResult, read_export_access, record_export, write_export
 from shared.queries import query
-from shared.settings import Settings
+from shared.settings import LOGIN_ROLE, Settings
 from shared.sites import SiteNotFound, resolve_site
 
 
 @contextlib.asynccontextmanager
-async def service_read_transaction(conn: asyncpg.Connection) -> AsyncIterator[asyncpg.Connection]:
-    """Read-only REPEATABLE READ as the fleet's role (no tenant filter; no superuser rights either)."""
+async def service_read_transaction(
+    conn: asyncpg.Connection, role: str | None
+) -> AsyncIterator[asyncpg.Connection]:
+    """Read-only REPEATABLE READ as the fleet's role (no tenant filter; no superuser rights either);
+    `role` None: as the login user (DATABASE_ROLE=login)."""
     async with conn.transaction(isolation="repeatable_read", readonly=True):
-        await conn.execute(query("export_set_service_role"))
+        if role is not None:
+            await conn.execute(query("export_set_role"), role)
         yield conn
 
 
@@ -53,7 +57,7 @@ async def _export(
         async with tenant_transaction(conn, args.user):
             result = await write_export(conn, site.id, args.month, out.write)
     else:
-        async with service_read_transaction(conn):
+        async with service_read_transaction(conn, settings.database_role):
             result = await write_export(conn, site.id, args.month, out.write)
     return site, result
 
@@ -61,6 +65,7 @@ async def _export(
 def cmd_export(args: argparse.Namespace, settings: Settings) -> int:
     operator = f"cli:{getpass.getuser()}@{socket.gethostname()}"
     actor = f"{operator} as user:{args.user}" if args.user else operator
+    read_as = "tenant" if args.user else settings.database_role or LOGIN_ROLE
 
     async def go() -> ExportResult:
         try:
@@ -90,7 +95,7 @@ def cmd_export(args: argparse.Namespace, settings: Settings) -> int:
                 year_month=args.month,
                 request_id=None,
                 result=result,
-                details={"via": "cli", "role": "tenant" if args.user else SERVICE_ROLE},
+                details={"via": "cli", "role": read_as},
             )
             return result
         finally:

@@ -59,7 +59,7 @@ class RetentionReport:
     dropped: list[str] = field(default_factory=list)
     trimmed: dict[str, int] = field(default_factory=dict)
     kept: list[str] = field(default_factory=list)
-    # Partitions kept whole or in part because a billable row of theirs is in no invoice snapshot yet.
+    # Expired partitions left whole because a billable row of theirs is in no invoice snapshot yet.
     unfrozen: list[str] = field(default_factory=list)
     busy: list[str] = field(default_factory=list)
     fallback_purged: int = 0

@@ -89,7 +89,7 @@ class Settings:
             text(name, attr)
         role = env.get("DATABASE_ROLE", "").strip()
         if role:
-            values["database_role"] = None if role == LOGIN_ROLE else role
+            values["database_role"] = None if role.lower() == LOGIN_ROLE else role
         number("IDEMPOTENCY_VERSION", "idempotency_version", int, 1)
         number("RATE_LIMIT_PER_MINUTE", "rate_limit_per_minute", int, 1)
         number("DEFAULT_MONTHLY_LIMIT", "default_monthly_limit", int, 0)

@@ -16,6 +16,6 @@ ORDER BY created_at, id;
 -- name: export_snapshot_hash
 SELECT snapshot_hash FROM invoice_snapshot WHERE site_id = $1 AND year_month = $2;
 
--- name: export_set_service_role
--- `revkernel export` without --user: read as the fleet's role (inside a transaction only).
-SET LOCAL ROLE revkernel_service;
+-- name: export_set_role
+-- `revkernel export` without --user: read as the fleet's role, DATABASE_ROLE (for this transaction).
+SELECT set_config('role', $1, true);

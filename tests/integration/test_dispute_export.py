@@ -460,7 +460,13 @@ def test_revkernel_export_writes_the_same_bytes_and_prints_the_hash(
         assert not refused_out.exists()
 
 
-async def test_cli_exports_are_audited(settings: Settings, world: World, db: asyncpg.Connection) -> None:
+@pytest.mark.parametrize(("database_role", "read_as"), [(None, "revkernel_service"), ("login", "login")])
+async def test_cli_exports_are_audited(
+    settings: Settings, world: World, db: asyncpg.Connection, database_role: str | None, read_as: str
+) -> None:
+    env = settings_env(settings)
+    if database_role is not None:
+        env["DATABASE_ROLE"] = database_role
     proc = await asyncio.create_subprocess_exec(
         REVKERNEL,
         "export",
@@ -468,7 +474,7 @@ async def test_cli_exports_are_audited(settings: Settings, world: World, db: asy
         "export-site",
         "--month",
         MONTH,
-        env=settings_env(settings),
+        env=env,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )
@@ -477,7 +483,7 @@ async def test_cli_exports_are_audited(settings: Settings, world: World, db: asy
     [audit] = await db.fetch("SELECT * FROM billing_audit_log WHERE action = 'dispute_export'")
     assert audit["actor"].startswith("cli:")
     assert audit["details"]["export_hash"] == hashlib.sha256(stdout).hexdigest()
-    assert audit["details"]["role"] == "revkernel_service" and audit["details"]["via"] == "cli"
+    assert audit["details"]["role"] == read_as and audit["details"]["via"] == "cli"
 
 
 async def test_postgres_unreachable_is_503_after_the_auth_and_input_checks(

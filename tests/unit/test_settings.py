@@ -91,6 +91,7 @@ def test_every_variable_is_read() -> None:
 
 def test_database_role_login_means_no_set_role() -> None:
     assert Settings.from_env({"DATABASE_ROLE": "login"}).database_role is None
+    assert Settings.from_env({"DATABASE_ROLE": "LOGIN"}).database_role is None
     assert Settings.from_env({"DATABASE_ROLE": " "}).database_role == "revkernel_service"
 
 
