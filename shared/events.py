@@ -14,9 +14,10 @@ MAX_URL = 4096
 MAX_LABEL = 256
 # Arrays and objects inside an event, counted from the event itself. orjson reads ~1,000 levels but
 # writes only 254, and a batch message wraps its events two levels deeper: an event nested past that
-# would be accepted, then fail its group's capture when its message is built. Analytics events are
-# shallow; 64 leaves room and refuses it at the door.
-MAX_NESTING = 64
+# would be accepted, then fail its group's capture when its message is built. 250 is what the message
+# can hold; it is also the bound below which a body needs no walk at all (it has fewer opening
+# brackets), so ordinary batches, whose events and `meta` objects add ~2 brackets each, pay nothing.
+MAX_NESTING = 250
 
 
 class ShapeError(Exception):
