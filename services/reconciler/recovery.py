@@ -42,33 +42,24 @@ class RecoveryResult:
 
 
 def outgoing_message(row: asyncpg.Record | dict[str, Any]) -> OutgoingMessage:
-    """The message a buffer row stands for: its payload exactly, to its stored routing key."""
+    """The message a buffer row stands for: its one event exactly, to its stored routing key.
+
+    A buffer row always holds one enriched event (a batch's events are buffered one row each), so it
+    is republished as a single-event message whatever fields the client put in the event: an event's
+    own `events` list is data, not a batch envelope.
+    """
     payload = row["payload"]
-    headers: dict[str, int | str] = {}
-    if isinstance(payload, dict) and isinstance(payload.get("events"), list):
-        headers["x-event-count"] = len(payload["events"])
     ingest_id = payload.get("ingest_id") if isinstance(payload, dict) else None
     return OutgoingMessage(
         body=orjson.dumps(payload),
         routing_key=row["routing_key"],
         message_id=ingest_id if isinstance(ingest_id, str) and ingest_id else str(row["id"]),
-        headers=headers,
     )
 
 
-def idempotency_rows(row: asyncpg.Record | dict[str, Any]) -> list[tuple[uuid.UUID, str, datetime]]:
-    """(site_id, idempotency_key, bucket_at) of the idempotency rows a buffer row carries."""
-    payload = row["payload"]
-    events = payload.get("events") if isinstance(payload, dict) else None
-    if isinstance(events, list):
-        keys = [
-            e["idempotency_key"]
-            for e in events
-            if isinstance(e, dict) and isinstance(e.get("idempotency_key"), str)
-        ]
-    else:
-        keys = [row["idempotency_key"]]
-    return [(row["site_id"], key, row["bucket_at"]) for key in keys]
+def idempotency_row(row: asyncpg.Record | dict[str, Any]) -> tuple[uuid.UUID, str, datetime]:
+    """(site_id, idempotency_key, bucket_at) of the idempotency row a buffer row carries."""
+    return (row["site_id"], row["idempotency_key"], row["bucket_at"])
 
 
 async def recover_batch(
@@ -88,7 +79,7 @@ async def recover_batch(
     async with pool.acquire() as conn, conn.transaction():
         if recovered:
             await conn.execute(query("recovery_mark_recovered"), [r["id"] for r in recovered])
-            marks = [m for r in recovered for m in idempotency_rows(r)]
+            marks = [idempotency_row(r) for r in recovered]
             await conn.execute(
                 query("recovery_mark_idempotency_recovered"),
                 [m[0] for m in marks],

@@ -24,6 +24,7 @@ from shared.publisher import EventPublisher
 from shared.settings import Settings
 from tests.conftest import AMQP_HOST, AMQP_PORT, REPO_ROOT, free_port, settings_env
 from tests.integration.reconciler_support import create_site, poll
+from tests.support.gateway import gateway_client, wait_for_amqp
 from tests.support.proxy import TcpProxy
 
 BUFFER_ROW = """
@@ -240,3 +241,43 @@ async def test_unroutable_rows_back_off_then_fail(
     assert await queue_depth(settings.amqp_url) == 0
     states = await db.fetch("SELECT billing_state FROM ingest_idempotency WHERE site_id = $1", site)
     assert {r["billing_state"] for r in states} == {"DEGRADED_CAPTURE"}
+
+
+async def test_a_degraded_event_with_its_own_events_field_is_republished_as_itself(
+    db: asyncpg.Connection, pool: asyncpg.Pool, settings: Settings
+) -> None:
+    """A buffer row is one event: a client's `events` list inside it is data, never a batch envelope
+    (else downstream would read the client's objects, with a forged site and key, as the events)."""
+    site = await create_site(db, public_id="nest-site")
+    forged = {"site_id": str(uuid.uuid4()), "idempotency_key": "forged-key", "url": "https://evil.test/"}
+    sent = {"s": "nest-site", "url": "https://example.test/real", "events": [forged]}
+    proxy = await TcpProxy(AMQP_HOST, AMQP_PORT).start()
+    vhost = settings.amqp_url.rsplit("/", 1)[1]
+    try:
+        async with gateway_client(
+            settings.with_overrides(amqp_url=f"amqp://guest:guest@127.0.0.1:{proxy.port}/{vhost}")
+        ) as client:
+            await wait_for_amqp(client)
+            await proxy.cut()
+            response = await client.post("/api/sync", data=orjson.dumps({"events": [sent]}))
+            answer = await response.json()
+    finally:
+        await proxy.close()
+    assert answer["results"][0]["status"] == "degraded"
+
+    publisher = EventPublisher(settings.amqp_url, timeout_ms=2000)
+    await publisher.start()
+    try:
+        await poll(lambda: _ready(publisher))
+        result = await recover_batch(pool, publisher, RecoverySettings())
+    finally:
+        await publisher.close()
+    assert (result.claimed, result.recovered, result.failed) == (1, 1, 0)
+
+    [message] = await take_messages(settings.amqp_url)
+    assert "x-event-count" not in (message.headers or {})
+    body = orjson.loads(message.body)
+    assert body["events"] == [forged] and body["site_id"] == str(site)
+    assert message.message_id == body["ingest_id"] == answer["results"][0]["ingest_id"]
+    [row] = await db.fetch("SELECT idempotency_key, billing_state FROM ingest_idempotency")
+    assert row["billing_state"] == "RECOVERED" and row["idempotency_key"] == body["idempotency_key"]

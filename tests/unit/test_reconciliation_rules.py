@@ -8,7 +8,7 @@ from datetime import UTC, datetime
 import orjson
 import pytest
 
-from services.reconciler.recovery import idempotency_rows, outgoing_message
+from services.reconciler.recovery import idempotency_row, outgoing_message
 from shared.commands import (
     CommandRejected,
     MalformedCommand,
@@ -125,13 +125,15 @@ def test_recovery_message_is_the_stored_payload() -> None:
     message = outgoing_message(row)
     assert orjson.loads(message.body) == single and message.message_id == "ing-1"
     assert message.routing_key == "event.p" and message.headers == {}
-    assert idempotency_rows(row) == [(site, "k1", bucket)]
+    assert idempotency_row(row) == (site, "k1", bucket)
 
-    batch = {"events": [{"idempotency_key": "a"}, {"idempotency_key": "b"}]}
-    row = {**row, "payload": batch}
+    # A client's own `events` field is data of the one event the row holds, not a batch envelope.
+    nested = {**single, "events": [{"idempotency_key": "forged", "site_id": str(uuid.uuid4())}]}
+    row = {**row, "payload": nested}
     message = outgoing_message(row)
-    assert message.headers == {"x-event-count": 2} and message.message_id == str(row["id"])
-    assert idempotency_rows(row) == [(site, "a", bucket), (site, "b", bucket)]
+    assert orjson.loads(message.body) == nested and message.headers == {}
+    assert message.message_id == "ing-1"
+    assert idempotency_row(row) == (site, "k1", bucket)
 
 
 def test_watchtower_statuses() -> None:
