@@ -122,6 +122,23 @@ NUL_PROBLEM = "strings must not contain the NUL character (\\u0000)"
 NESTING_PROBLEM = f"an event must not nest arrays and objects more than {MAX_NESTING} levels deep"
 
 
+def header_text(value: str) -> str:
+    """A request header's value as text an event can carry (the `ua` it is published and buffered with).
+
+    HTTP parsers hand non-UTF-8 bytes over as lone surrogates, which JSON cannot encode: such a value is
+    read as ISO-8859-1 (HTTP's `obs-text`), so a Latin-1 `User-Agent` keeps its meaning and nothing is
+    lost. NUL, which a `jsonb` fallback-buffer row cannot hold, becomes U+FFFD.
+    """
+    if value.isascii():
+        return value.replace("\x00", "\ufffd") if "\x00" in value else value
+    raw = value.encode("utf-8", "surrogateescape")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        text = raw.decode("iso-8859-1")
+    return text.replace("\x00", "\ufffd")
+
+
 def _content_problem(event: Any, check_nul: bool, check_nesting: bool) -> str | None:
     """What the field rules do not see: NUL characters and nesting, checked only when the raw body
     could hold them."""

@@ -14,7 +14,7 @@ from aiohttp import web
 from services.gateway.context import CONTEXT, REQUEST_SITE, GatewayContext, request_id
 from services.gateway.responses import error_response, json_response
 from shared.db import close_pool, create_pool, keep_session_state
-from shared.events import EventShape, ShapeError, SyncBody, parse_sync_body
+from shared.events import EventShape, ShapeError, SyncBody, header_text, parse_sync_body
 from shared.idempotency import compute_key
 from shared.ingest import (
     PG_ERRORS,
@@ -169,7 +169,7 @@ def _capture_request(
         events=events,
         is_batch=body.is_batch,
         client_ip=ip,
-        user_agent=request.headers.get("User-Agent", ""),
+        user_agent=header_text(request.headers.get("User-Agent", "")),
     )
 
 

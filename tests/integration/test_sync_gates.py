@@ -3,12 +3,14 @@ reached `ingest.events`."""
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
 import orjson
+import pytest
 from aiohttp.test_utils import TestClient
 
 from shared.idempotency import compute_key
@@ -211,6 +213,41 @@ async def test_degraded_capture_when_broker_unreachable(
     assert buffered["payload"]["ingest_id"] == body["ingest_id"]
     assert buffered["routing_key"] == "event.site-a"
     assert await drain_queue(amqp_url) == []
+
+
+async def raw_sync_post(port: int, body: bytes, header: bytes) -> tuple[int, dict[str, Any]]:
+    """POST /api/sync over a plain socket, with one header line sent as raw bytes."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(
+        b"POST /api/sync HTTP/1.1\r\nHost: t\r\nConnection: close\r\n" + header + b"\r\n"
+        + b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body
+    )
+    answer = await reader.read()
+    writer.close()
+    head, _, payload = answer.partition(b"\r\n\r\n")
+    return int(head.split(b" ", 2)[1]), orjson.loads(payload)
+
+
+@pytest.mark.parametrize(
+    ("header", "ua"),
+    [
+        (b"User-Agent: caf\xe9/1.0", "caf\u00e9/1.0"),  # Latin-1, as old clients send it
+        (b"User-Agent: Mozilla\xff\xfe/5.0", "Mozilla\u00ff\u00fe/5.0"),  # not UTF-8 at all
+        (b"User-Agent: caf\xc3\xa9/2.0", "caf\u00e9/2.0"),  # UTF-8
+    ],
+)
+async def test_user_agent_bytes_that_are_not_utf8_are_captured(
+    gateway: Client, db: asyncpg.Connection, make_site: MakeSite, amqp_url: str, header: bytes, ua: str
+) -> None:
+    """Non-UTF-8 header bytes reach the handler as lone surrogates, which JSON cannot encode: the event
+    was refused with 500 `billing_gate_closed` on every retry. The `ua` is read as ISO-8859-1."""
+    await make_site(monthly_limit=10)
+    assert gateway.server.port is not None
+    status, body = await raw_sync_post(gateway.server.port, orjson.dumps(event()), header)
+    assert (status, body["status"]) == (200, "queued")
+    [published] = published_events(await drain_queue(amqp_url))
+    assert published["ua"] == ua and published["ingest_id"] == body["ingest_id"]
+    assert len(await rows(db)) == 1
 
 
 async def test_postgres_unreachable_closes_the_gate(

@@ -10,6 +10,7 @@ from shared.events import (
     MAX_NESTING,
     ShapeError,
     event_problem,
+    header_text,
     nesting_depth,
     parse_sync_body,
 )
@@ -117,3 +118,14 @@ def test_local_limiter_windows_and_batches() -> None:
     assert not limiter.admit(RateLimitAsk(site, "ip", 1, 5, 3000))
     assert limiter.admit(RateLimitAsk(site, "ip", 5, 5, 60_000))  # next window
     assert retry_after_seconds(59_001) == 1 and retry_after_seconds(0) == 60
+
+
+def test_header_text_is_always_json_encodable() -> None:
+    assert header_text("Mozilla/5.0") == "Mozilla/5.0"
+    assert header_text("caf\u00e9") == "caf\u00e9"  # already text
+    # Non-UTF-8 bytes arrive as lone surrogates (surrogateescape): read as ISO-8859-1.
+    assert header_text("caf\udce9") == "caf\u00e9"
+    assert header_text("\udcc3\udca9") == "\u00e9"  # UTF-8 bytes that came through escaped
+    assert header_text("a\x00b") == "a\ufffdb"
+    for value in ("caf\udce9", "Mozilla\udcff\udcfe/5.0", "\u00e9\x00"):
+        orjson.dumps(header_text(value))
