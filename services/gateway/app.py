@@ -47,6 +47,8 @@ async def request_context(request: web.Request, handler: Handler) -> web.StreamR
         # 262144 exceeded.").
         detail = exc.text if exc.status == 413 and exc.text else exc.reason
         response = error_response(exc.status, code, detail=detail)
+        if "Allow" in exc.headers:  # a 405 says which methods the path takes (RFC 9110)
+            response.headers["Allow"] = exc.headers["Allow"]
     except asyncio.CancelledError:
         raise
     except Exception:

@@ -82,7 +82,8 @@ async def reconcile_backfill(request: web.Request) -> web.Response:
 
 def setup(app: web.Application) -> None:
     command_bus.install(app)
-    app.router.add_get("/api/cron/reconcile-usage", reconcile_usage)
-    app.router.add_get("/api/cron/reconcile-usage/enqueue", reconcile_enqueue)
+    # GET because SPEC §8 says so; no HEAD, which must not run jobs.
+    app.router.add_get("/api/cron/reconcile-usage", reconcile_usage, allow_head=False)
+    app.router.add_get("/api/cron/reconcile-usage/enqueue", reconcile_enqueue, allow_head=False)
     app.router.add_post("/api/cron/reconcile-usage/run", reconcile_run)
     app.router.add_post("/api/cron/reconcile-usage/backfill", reconcile_backfill)

@@ -184,4 +184,6 @@ async def _stream(
 
 def setup(app: web.Application) -> None:
     app[SPOOL_SLOTS] = asyncio.Semaphore(MAX_CONCURRENT_SPOOLS)
-    app.router.add_get(PATH, dispute_export)
+    # No HEAD: a streamed body cannot be withheld from a HEAD answer (it desynchronised kept-alive
+    # connections) and an export is audited as a disclosure; HEAD answers 405.
+    app.router.add_get(PATH, dispute_export, allow_head=False)

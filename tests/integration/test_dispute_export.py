@@ -189,6 +189,27 @@ async def test_owner_gets_exactly_the_rows_of_the_site_and_month(
     assert line["export_hash"] == headers["x-opsmantik-export-hash"]
 
 
+async def test_head_is_405_and_leaves_the_connection_usable(
+    settings: Settings,
+    open_gateway: OpenGateway,
+    http: aiohttp.ClientSession,
+    world: World,
+    db: asyncpg.Connection,
+) -> None:
+    """A HEAD answer has no body: the streamed CSV used to follow it, and the next answer on the
+    kept-alive connection was read from the CSV's first line."""
+    base = await open_gateway(settings)
+    bearer = {"Authorization": f"Bearer {token('owner-1')}"}
+    for _ in range(2):
+        async with http.head(
+            f"{base}{PATH}", params={"site_id": str(world.site), "year_month": MONTH}, headers=bearer
+        ) as r:
+            assert r.status == 405 and "GET" in r.headers["Allow"]
+        status, _, body = await export(http, base, site=world.site, bearer=token("owner-1"))
+        assert (status, body) == (200, expected_body())
+    assert await db.fetchval("SELECT count(*) FROM billing_audit_log WHERE action = 'dispute_export'") == 2
+
+
 async def test_admin_billing_and_platform_admin_may_export(
     settings: Settings, open_gateway: OpenGateway, http: aiohttp.ClientSession, world: World
 ) -> None:

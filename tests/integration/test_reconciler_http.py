@@ -79,6 +79,16 @@ async def test_wrong_or_missing_bearer_is_401(
     assert await command_queue_depth(settings.amqp_url) == 0
 
 
+@pytest.mark.parametrize("path", ["/api/cron/reconcile-usage", "/api/cron/reconcile-usage/enqueue"])
+async def test_head_on_a_job_endpoint_runs_nothing(
+    gateway: TestClient[Any, Any], settings: Settings, path: str
+) -> None:
+    """HEAD must be safe: on these GET endpoints it would enqueue and run jobs; it answers 405."""
+    response = await gateway.head(path, headers=AUTH)
+    assert response.status == 405 and "GET" in response.headers["Allow"]
+    assert await command_queue_depth(settings.amqp_url) == 0
+
+
 async def test_cron_secret_unset_is_503(settings: Settings) -> None:
     async with gateway_client(settings.with_overrides(cron_secret=None)) as client:
         for method, path in ENDPOINTS:
