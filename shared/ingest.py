@@ -42,6 +42,7 @@ from shared.quota import (
     acceptance_cap,
     decide_group,
     events_to_take,
+    passes_monthly_limit,
     usage_key,
     usage_key_ttl_seconds,
 )
@@ -53,6 +54,8 @@ log = get_logger("ingest")
 PG_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, asyncio.TimeoutError)
 REDIS_ERRORS = (aioredis.RedisError, OSError, asyncio.TimeoutError)
 MAX_ATTEMPTS = 3
+# How long a counter checked against Postgres at the monthly limit is trusted by this process.
+LIMIT_CHECK_TTL_S = 60.0
 
 
 class GateClosed(Exception):
@@ -208,6 +211,7 @@ class IngestPipeline:
         max_concurrent_groups: int = 6,
         group_overlap_after_s: float | None = None,
         redis_retry_s: float = 1.0,
+        limit_check_ttl_s: float = LIMIT_CHECK_TTL_S,
     ) -> None:
         self._pool = pool
         self._redis = redis
@@ -215,6 +219,10 @@ class IngestPipeline:
         self._publisher = publisher
         self._redis_retry_s = redis_retry_s
         self._redis_down_until = 0.0
+        self._limit_check_ttl_s = limit_check_ttl_s
+        # (site, month) → monotonic time until which its Redis counter counts as checked against
+        # Postgres (set when this process seeds it).
+        self._checked_until: dict[tuple[uuid.UUID, str], float] = {}
         self._batcher: MicroBatcher[CaptureRequest, CaptureResult] = MicroBatcher(
             self._capture_group,
             max_items=max_requests_per_group,
@@ -414,11 +422,25 @@ class IngestPipeline:
         if reply[0] == 0:
             raise _NeedsSeed([list(groups)[i - 1] for i in reply[1:]])
         usage_before: dict[tuple[uuid.UUID, str], int] = {}
+        unchecked: list[tuple[uuid.UUID, str]] = []
+        now = time.monotonic()
         for (pair, group), key, used in zip(groups.items(), keys, reply[1:], strict=True):
             usage_before[pair] = used
             take = events_to_take(used, len(group), group[0].site.plan)
             if take:
                 reserved[key] = reserved.get(key, 0) + take
+            if passes_monthly_limit(used, len(group), group[0].site.plan) and self._checked_until.get(
+                pair, 0.0
+            ) <= now:
+                unchecked.append(pair)
+        if unchecked:
+            # At the limit a counter that runs ahead of Postgres (the reservation of a process killed
+            # mid-group, a release Redis did not take) would refuse or bill as overage events the plan
+            # still covers. Give our reservations back under our SHARED lock, then seed those counters
+            # exactly (EXCLUSIVE lock) and run the group again.
+            await self._release(reserved)
+            reserved.clear()
+            raise _NeedsSeed(unchecked)
         return usage_before
 
     async def _reseed(self, conn: asyncpg.Connection, pairs: list[tuple[uuid.UUID, str]]) -> None:
@@ -432,7 +454,14 @@ class IngestPipeline:
                     )
                 except REDIS_ERRORS as exc:
                     raise _RedisUnavailable from exc  # rolls back: the month stays marked for Postgres
+            self._checked_until[(site_id, year_month)] = time.monotonic() + self._limit_check_ttl_s
             log.info("quota_counter_seeded", site_id=str(site_id), year_month=year_month, used=int(count))
+        self._forget_stale_checks()
+
+    def _forget_stale_checks(self) -> None:
+        if len(self._checked_until) > 10_000:
+            now = time.monotonic()
+            self._checked_until = {p: t for p, t in self._checked_until.items() if t > now}
 
     async def _settle_quota(
         self,

@@ -51,6 +51,15 @@ def events_to_take(used_before: int, count: int, plan: Plan) -> int:
     return max(0, min(count, acceptance_cap(plan) - used_before))
 
 
+def passes_monthly_limit(used_before: int, count: int, plan: Plan) -> bool:
+    """Whether some of `count` new events would be the (N+1)-th or later: taken as OVERAGE or refused.
+
+    Only there does a counter that runs ahead of Postgres (a reservation a killed process never gave
+    back) change an answer, so that is where the gate checks the counter against Postgres first.
+    """
+    return used_before + count > plan.monthly_limit
+
+
 def decide_group(used_before: int, count: int, plan: Plan) -> list[QuotaOutcome]:
     """Decisions for `count` billable events of one (site, month), in arrival order."""
     take = events_to_take(used_before, count, plan)

@@ -9,7 +9,8 @@ import contextlib
 
 class TcpProxy:
     """Forwards 127.0.0.1:<port> to a target; `cut()` drops every connection and refuses new ones;
-    `stall()` stops reading what clients send (a server that stops reading: its replies still flow)."""
+    `stall()` stops reading what clients send (a server that stops reading: its replies still flow);
+    `swallow()` drops it."""
 
     def __init__(self, target_host: str, target_port: int) -> None:
         self.target_host = target_host
@@ -21,6 +22,7 @@ class TcpProxy:
         self.enabled = True
         self.upstream_flowing = asyncio.Event()
         self.upstream_flowing.set()
+        self.swallowing = False
 
     async def start(self) -> TcpProxy:
         self._server = await asyncio.start_server(self._accept, "127.0.0.1", self.port)
@@ -50,6 +52,8 @@ class TcpProxy:
                 data = await src.read(65536)
                 if not data or not self.enabled:
                     break
+                if gated and self.swallowing:
+                    continue
                 dst.write(data)
                 await dst.drain()
         except (ConnectionError, OSError):
@@ -74,6 +78,11 @@ class TcpProxy:
     def stall(self) -> None:
         """Leave what clients send unread (their send buffers fill up); `resume()` reads it again."""
         self.upstream_flowing.clear()
+
+    def swallow(self) -> None:
+        """Drop what clients send from now on, connections left open: a server that reads and never
+        answers (unlike `stall()`, a read already waiting is dropped too)."""
+        self.swallowing = True
 
     def resume(self) -> None:
         self.upstream_flowing.set()

@@ -4,7 +4,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from shared.quota import Decision, decide_group, events_to_take, non_billable_reason
+from shared.quota import Decision, decide_group, events_to_take, non_billable_reason, passes_monthly_limit
 from shared.sites import Plan
 
 
@@ -73,3 +73,11 @@ def test_kth_event_rule_matches_the_spec(used: int, n: int, limit: int, soft: bo
 )
 def test_non_billable_classes(event: dict[str, str], reason: str | None) -> None:
     assert non_billable_reason(event) == reason
+
+
+def test_passes_monthly_limit_exactly_when_a_decision_is_not_plain_acceptance() -> None:
+    for plan in (Plan(monthly_limit=5), Plan(monthly_limit=5, soft_limit_enabled=True)):
+        for used in range(8):
+            for count in range(1, 4):
+                plain = set(decisions(used, count, plan)) == {"A"}
+                assert passes_monthly_limit(used, count, plan) is not plain
