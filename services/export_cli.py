@@ -13,6 +13,7 @@ import argparse
 import contextlib
 import getpass
 import os
+import shutil
 import socket
 import sys
 import tempfile
@@ -26,9 +27,12 @@ from services.cli import CliError, run_async
 from services.cli_types import year_month
 from shared.db import connect, tenant_transaction
 from shared.dispute_export import ExportAccess, ExportResult, read_export_access, record_export, write_export
+from shared.logging import get_logger
 from shared.queries import query
 from shared.settings import LOGIN_ROLE, Settings
 from shared.sites import SiteNotFound, resolve_site
+
+log = get_logger("export")
 
 
 @contextlib.asynccontextmanager
@@ -68,26 +72,35 @@ def cmd_export(args: argparse.Namespace, settings: Settings) -> int:
     read_as = "tenant" if args.user else settings.database_role or LOGIN_ROLE
 
     async def go() -> ExportResult:
+        # Spooled, audited, then disclosed (as the endpoint does): nothing reaches stdout or the file's
+        # name unless the audit row was written first. A file is spooled beside its target and
+        # renamed into place, so no half-written file ever carries its name.
+        target = Path(args.output) if args.output is not None else None
+        fd, spool_name = tempfile.mkstemp(
+            prefix=f".{target.name}." if target else ".revkernel-export.",
+            dir=target.parent if target else None,
+        )
+        try:
+            with os.fdopen(fd, "w+b") as spool:
+                result = await _export_and_audit(spool)
+                if target is None:
+                    spool.seek(0)
+                    shutil.copyfileobj(spool, sys.stdout.buffer)
+                    sys.stdout.buffer.flush()
+            if target is not None:
+                os.replace(spool_name, target)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(spool_name)
+        return result
+
+    async def _export_and_audit(spool: BinaryIO) -> ExportResult:
         try:
             conn = await connect(settings.database_url)
         except (OSError, asyncpg.PostgresError) as exc:
             raise CliError(f"cannot reach Postgres: {exc}") from exc
         try:
-            if args.output is None:
-                site, result = await _export(conn, settings, args, sys.stdout.buffer)
-                sys.stdout.buffer.flush()
-            else:
-                # Written beside the target and renamed into place: no half-written file under its name.
-                target = Path(args.output)
-                fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
-                try:
-                    with os.fdopen(fd, "wb") as out:
-                        site, result = await _export(conn, settings, args, out)
-                    os.replace(tmp_name, target)
-                except BaseException:
-                    with contextlib.suppress(FileNotFoundError):
-                        os.unlink(tmp_name)
-                    raise
+            site, result = await _export(conn, settings, args, spool)
             await record_export(
                 conn,
                 actor=actor,
@@ -97,9 +110,19 @@ def cmd_export(args: argparse.Namespace, settings: Settings) -> int:
                 result=result,
                 details={"via": "cli", "role": read_as},
             )
-            return result
         finally:
             await conn.close()
+        log.info(
+            "BILLING_DISPUTE_EXPORT",
+            site_id=str(site.id),
+            year_month=args.month,
+            row_count=result.row_count,
+            export_hash=result.export_hash,
+            snapshot_hash=result.snapshot_hash,
+            user_id=args.user,
+            actor=actor,
+        )
+        return result
 
     try:
         result = run_async(go())

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import os
 import subprocess
 import sys
 import time
@@ -505,6 +506,35 @@ async def test_cli_exports_are_audited(
     assert audit["actor"].startswith("cli:")
     assert audit["details"]["export_hash"] == hashlib.sha256(stdout).hexdigest()
     assert audit["details"]["role"] == read_as and audit["details"]["via"] == "cli"
+    [line] = [json.loads(x) for x in stderr.splitlines() if b'"BILLING_DISPUTE_EXPORT"' in x]
+    assert line["export_hash"] == audit["details"]["export_hash"] and line["row_count"] == 5
+    assert line["site_id"] == str(world.site) and line["year_month"] == MONTH
+
+
+async def test_revkernel_export_discloses_nothing_it_could_not_audit(
+    settings: Settings, world: World, db: asyncpg.Connection, tmp_path: Path
+) -> None:
+    """Audit before disclosure, as the endpoint: with the audit insert refused, neither stdout nor the
+    file gets a byte (the file used to be renamed into place, and stdout written, before the audit)."""
+    await db.execute(
+        """CREATE FUNCTION refuse_audit() RETURNS trigger LANGUAGE plpgsql AS
+           $$ BEGIN RAISE EXCEPTION 'audit log unavailable'; END $$;
+           CREATE TRIGGER refuse_audit BEFORE INSERT ON billing_audit_log
+           FOR EACH ROW EXECUTE FUNCTION refuse_audit();"""
+    )
+    env = settings_env(settings)
+    out = tmp_path / "dispute.csv"
+    for extra in (["-o", str(out)], []):
+        run = await asyncio.to_thread(
+            subprocess.run,
+            [REVKERNEL, "export", "--site", "export-site", "--month", MONTH, *extra],
+            env=env,
+            capture_output=True,
+            timeout=60,
+        )
+        assert run.returncode != 0 and b"audit log unavailable" in run.stderr
+        assert run.stdout == b""
+        assert os.listdir(tmp_path) == []  # noqa: ASYNC240
 
 
 async def test_postgres_unreachable_is_503_after_the_auth_and_input_checks(
