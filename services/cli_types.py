@@ -44,5 +44,12 @@ def positive_int(raw: str) -> int:
     return value
 
 
+def port_number(raw: str) -> int:
+    value = non_negative_int(raw)
+    if value > 65535:
+        raise argparse.ArgumentTypeError("must be between 0 and 65535")
+    return value
+
+
 def print_json(obj: Any) -> None:
     sys.stdout.write(orjson.dumps(obj, option=orjson.OPT_INDENT_2).decode() + "\n")

@@ -35,6 +35,10 @@ def bearer_token(authorization: str | None) -> str | None:
     scheme, _, token = authorization.partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
         return None
+    try:
+        token.encode("utf-8")
+    except UnicodeEncodeError:
+        return None  # bytes that are not UTF-8 (lone surrogates from the HTTP parser): no token at all
     return token.strip()
 
 

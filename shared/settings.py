@@ -8,10 +8,18 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
+from urllib.parse import urlsplit
 
 IpNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 # DATABASE_ROLE's value for "no SET ROLE: the login user's own rights".
 LOGIN_ROLE = "login"
+LOG_LEVELS = ("debug", "info", "warning", "error")
+# URL variables and the schemes their clients take (asyncpg, redis-py, aio-pika).
+URL_SCHEMES = {
+    "DATABASE_URL": ("postgresql", "postgres"),
+    "REDIS_URL": ("redis", "rediss", "unix"),
+    "AMQP_URL": ("amqp", "amqps"),
+}
 
 
 class SettingsError(ValueError):
@@ -87,6 +95,7 @@ class Settings:
             ("LOG_LEVEL", "log_level"),
         ]:
             text(name, attr)
+        _check_texts(values)
         role = env.get("DATABASE_ROLE", "").strip()
         if role:
             values["database_role"] = None if role.lower() == LOGIN_ROLE else role
@@ -107,6 +116,34 @@ class Settings:
     def with_overrides(self, **changes: Any) -> Settings:
         """A copy with some fields replaced (CLI flags, tests)."""
         return replace(self, **changes)
+
+
+def _check_texts(values: dict[str, Any]) -> None:
+    """The URLs name their clients' schemes and a host; LOG_LEVEL is a level (lower-cased)."""
+    for name in URL_SCHEMES:
+        if name.lower() in values:
+            check_url(name, values[name.lower()])
+    if "log_level" in values:
+        level = values["log_level"].lower()
+        if level not in LOG_LEVELS:
+            allowed = ", ".join(LOG_LEVELS)
+            raise SettingsError(f"LOG_LEVEL must be one of {allowed}, got {values['log_level']!r}")
+        values["log_level"] = level
+
+
+def check_url(name: str, url: str) -> None:
+    """A URL variable must name its client's scheme and a host (a unix socket path for redis)."""
+    schemes = URL_SCHEMES[name]
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 (raises on a port that is not a number)
+    except ValueError as exc:
+        raise SettingsError(f"{name} is not a valid URL: {exc}") from exc
+    if parts.scheme.lower() not in schemes:
+        raise SettingsError(f"{name} must be a {' or '.join(s + '://' for s in schemes)} URL, got {url!r}")
+    has_target = parts.hostname or (parts.scheme == "unix" and parts.path)
+    if not has_target and not (parts.scheme.startswith("postgres") and "host=" in parts.query):
+        raise SettingsError(f"{name} names no host: {url!r}")
 
 
 def parse_networks(raw: str) -> tuple[IpNetwork, ...]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from services.cli_types import port_number, positive_int
 from shared.settings import Settings
 
 
@@ -24,6 +25,8 @@ def cmd_gateway(args: argparse.Namespace, settings: Settings) -> int:
 def register(sub: argparse._SubParsersAction[Any]) -> None:
     p = sub.add_parser("gateway", help="run the HTTP gateway")
     p.add_argument("--host")
-    p.add_argument("--port", type=int)
-    p.add_argument("--workers", type=int, default=1, help="processes sharing the port (SO_REUSEPORT)")
+    p.add_argument("--port", type=port_number)
+    p.add_argument(
+        "--workers", type=positive_int, default=1, help="processes sharing the port (SO_REUSEPORT)"
+    )
     p.set_defaults(handler=cmd_gateway)

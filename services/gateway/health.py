@@ -15,7 +15,7 @@ from services.gateway.responses import json_response
 async def postgres_reachable(pool: asyncpg.Pool, timeout_s: float = 2.0) -> bool:
     try:
         await asyncio.wait_for(pool.fetchval("SELECT 1"), timeout=timeout_s)
-    except (TimeoutError, asyncpg.PostgresError, OSError):
+    except (TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError, OSError):
         return False
     return True
 

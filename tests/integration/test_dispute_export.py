@@ -30,6 +30,7 @@ from shared.months import add_months, current_year_month, month_start
 from shared.settings import Settings
 from shared.sites import add_member, create_site
 from tests.conftest import JWT_SECRET, free_port, settings_env
+from tests.support.gateway import raw_request
 
 PATH = "/api/billing/dispute-export"
 # Far enough in the past that the test never straddles the month it exports.
@@ -326,6 +327,16 @@ async def test_auth_and_validation_matrix(
         assert b"export-site" not in body and b"a" * 64 not in body, name
     # Refused requests leave no audit record.
     assert await db.fetchval("SELECT count(*) FROM billing_audit_log WHERE action = 'dispute_export'") == 0
+
+
+async def test_a_bearer_that_is_not_utf8_is_401(
+    settings: Settings, open_gateway: OpenGateway, world: World
+) -> None:
+    base = await open_gateway(settings)
+    port = int(base.rsplit(":", 1)[1])
+    path = f"{PATH}?site_id={world.site}&year_month={MONTH}"
+    status, body = await raw_request(port, "GET", path, b"Authorization: Bearer eyJ\xff.x.y")
+    assert (status, body["error"]) == (401, "unauthorized")
 
 
 async def test_missing_site_id_parameter_is_400(

@@ -19,7 +19,7 @@ from shared.months import add_months, current_year_month, month_first_day
 from shared.settings import Settings
 from tests.conftest import CRON_SECRET
 from tests.integration.reconciler_support import add_rows, create_site, job
-from tests.support.gateway import gateway_client
+from tests.support.gateway import gateway_client, raw_request
 
 CURRENT = current_year_month()
 PREVIOUS = add_months(CURRENT, -1)
@@ -86,6 +86,20 @@ async def test_head_on_a_job_endpoint_runs_nothing(
     """HEAD must be safe: on these GET endpoints it would enqueue and run jobs; it answers 405."""
     response = await gateway.head(path, headers=AUTH)
     assert response.status == 405 and "GET" in response.headers["Allow"]
+    assert await command_queue_depth(settings.amqp_url) == 0
+
+
+@pytest.mark.parametrize(
+    ("method", "path"), [*ENDPOINTS, ("GET", "/api/metrics"), ("POST", "/api/cron/invoice-freeze")]
+)
+async def test_authorization_bytes_that_are_not_utf8_are_401(
+    gateway: TestClient[Any, Any], settings: Settings, method: str, path: str
+) -> None:
+    """Non-UTF-8 header bytes reach the handler as lone surrogates; encoding them for the comparison
+    raised, and every authenticated endpoint answered 500."""
+    assert gateway.server.port is not None
+    status, body = await raw_request(gateway.server.port, method, path, b"Authorization: Bearer caf\xe9")
+    assert (status, body["error"]) == (401, "unauthorized")
     assert await command_queue_depth(settings.amqp_url) == 0
 
 

@@ -3,7 +3,6 @@ reached `ingest.events`."""
 
 from __future__ import annotations
 
-import asyncio
 import uuid
 from datetime import UTC, datetime
 from typing import Any
@@ -18,7 +17,13 @@ from shared.months import seconds_until_next_month
 from shared.settings import Settings
 from tests.conftest import RedisServer
 from tests.integration.conftest import MakeSite
-from tests.support.gateway import drain_queue, gateway_client, published_events, wait_for_amqp
+from tests.support.gateway import (
+    drain_queue,
+    gateway_client,
+    published_events,
+    raw_request,
+    wait_for_amqp,
+)
 from tests.support.proxy import TcpProxy
 
 Client = TestClient[Any, Any]
@@ -215,19 +220,6 @@ async def test_degraded_capture_when_broker_unreachable(
     assert await drain_queue(amqp_url) == []
 
 
-async def raw_sync_post(port: int, body: bytes, header: bytes) -> tuple[int, dict[str, Any]]:
-    """POST /api/sync over a plain socket, with one header line sent as raw bytes."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    writer.write(
-        b"POST /api/sync HTTP/1.1\r\nHost: t\r\nConnection: close\r\n" + header + b"\r\n"
-        + b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body
-    )
-    answer = await reader.read()
-    writer.close()
-    head, _, payload = answer.partition(b"\r\n\r\n")
-    return int(head.split(b" ", 2)[1]), orjson.loads(payload)
-
-
 @pytest.mark.parametrize(
     ("header", "ua"),
     [
@@ -243,7 +235,7 @@ async def test_user_agent_bytes_that_are_not_utf8_are_captured(
     was refused with 500 `billing_gate_closed` on every retry. The `ua` is read as ISO-8859-1."""
     await make_site(monthly_limit=10)
     assert gateway.server.port is not None
-    status, body = await raw_sync_post(gateway.server.port, orjson.dumps(event()), header)
+    status, body = await raw_request(gateway.server.port, "POST", "/api/sync", header, orjson.dumps(event()))
     assert (status, body["status"]) == (200, "queued")
     [published] = published_events(await drain_queue(amqp_url))
     assert published["ua"] == ua and published["ingest_id"] == body["ingest_id"]

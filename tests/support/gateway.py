@@ -35,6 +35,27 @@ async def gateway_client(settings: Settings) -> AsyncIterator[TestClient[Any, An
         await client.close()
 
 
+async def raw_request(
+    port: int, method: str, path: str, header: bytes, body: bytes = b""
+) -> tuple[int, dict[str, Any]]:
+    """One HTTP request over a plain socket with one header line sent as raw bytes (clients encode
+    headers; this sends bytes they would not), answered with JSON: (status, body)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(
+        f"{method} {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n".encode()
+        + header
+        + b"\r\nContent-Length: "
+        + str(len(body)).encode()
+        + b"\r\n\r\n"
+        + body
+    )
+    answer = await reader.read()
+    writer.close()
+    await writer.wait_closed()
+    head, _, payload = answer.partition(b"\r\n\r\n")
+    return int(head.split(b" ", 2)[1]), orjson.loads(payload)
+
+
 async def drain_queue(
     amqp_url: str, queue_name: str = INGEST_QUEUE
 ) -> list[aio_pika.abc.AbstractIncomingMessage]:

@@ -7,6 +7,9 @@ import pytest
 from services.cli import main
 
 CASES = [
+    (["gateway", "--port", "70000"], "--port: must be between 0 and 65535"),
+    (["gateway", "--port", "-1"], "--port: must be >= 0"),
+    (["gateway", "--workers", "0"], "--workers: must be > 0"),
     (
         ["member", "add", "--site", "shop", "--user", "u", "--role", "superuser"],
         "--role: invalid choice: 'superuser'",

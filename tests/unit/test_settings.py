@@ -124,6 +124,13 @@ def test_an_explicit_mapping_ignores_the_process_environment(monkeypatch: pytest
         ("SITE_CACHE_TTL_S", "-1", "SITE_CACHE_TTL_S must be >= 0"),
         ("IDEMPOTENCY_VERSION", "3", "IDEMPOTENCY_VERSION must be 1 or 2"),
         ("TRUSTED_PROXIES", "10.0.0.0/8,not-an-ip", "TRUSTED_PROXIES has an invalid entry 'not-an-ip'"),
+        ("DATABASE_URL", "notaurl", "DATABASE_URL must be a postgresql:// or postgres:// URL"),
+        ("DATABASE_URL", "mysql://x@127.0.0.1/db", "DATABASE_URL must be a postgresql://"),
+        ("DATABASE_URL", "postgresql:///revkernel", "DATABASE_URL names no host"),
+        ("REDIS_URL", "127.0.0.1:6379", "REDIS_URL must be a redis:// or rediss:// or unix:// URL"),
+        ("AMQP_URL", "notaurl", "AMQP_URL must be a amqp:// or amqps:// URL"),
+        ("AMQP_URL", "amqp://guest:guest@h:99999/", "AMQP_URL is not a valid URL"),
+        ("LOG_LEVEL", "verbose", "LOG_LEVEL must be one of debug, info, warning, error"),
     ],
 )
 def test_bad_values_are_refused_with_the_variable_named(name: str, value: str, message: str) -> None:
@@ -131,6 +138,18 @@ def test_bad_values_are_refused_with_the_variable_named(name: str, value: str, m
         Settings.from_env({name: value})
     assert str(info.value).startswith(message)
     assert "\n" not in str(info.value)
+
+
+def test_urls_every_client_takes_are_accepted() -> None:
+    for name, url in [
+        ("DATABASE_URL", "postgres://u:p@db.internal:6432/revkernel?sslmode=require"),
+        ("DATABASE_URL", "postgresql:///revkernel?host=/var/run/postgresql"),
+        ("REDIS_URL", "rediss://:secret@cache:6380/2"),
+        ("REDIS_URL", "unix:///run/redis.sock"),
+        ("AMQP_URL", "amqps://u:p@mq/vhost"),
+    ]:
+        Settings.from_env({name: url})
+    assert Settings.from_env({"LOG_LEVEL": "WARNING"}).log_level == "warning"
 
 
 def test_settings_are_frozen_and_overrides_copy() -> None:
