@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator
-from typing import Any
 
 import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractRobustConnection
+from aio_pika.connection import make_url
 
 INGEST_EXCHANGE = "ingest"
 INGEST_QUEUE = "ingest.events"
@@ -32,10 +33,19 @@ def reconnect_delays(first_s: float = 0.2, cap_s: float = 5.0) -> Iterator[float
         delay = min(delay * 2, cap_s)
 
 
-async def connect_robust(url: str, **kwargs: Any) -> AbstractRobustConnection:
-    """A reconnecting connection (channels and declarations are restored after a broker restart)."""
-    kwargs.setdefault("timeout", 5)
-    connection: AbstractRobustConnection = await aio_pika.connect_robust(url, **kwargs)
+async def connect_robust(url: str, *, timeout: float = 5) -> AbstractRobustConnection:
+    """A reconnecting connection (channels and declarations are restored after a broker restart).
+
+    The connection object is made first, so a first connect that fails or is cancelled closes it:
+    aio-pika's reconnection task outlives a cancelled `aio_pika.connect_robust` (it logs "cancelled,
+    reconnecting" and retries forever), which kept a process that stopped during start-up alive.
+    """
+    connection = aio_pika.RobustConnection(make_url(url))
+    try:
+        await connection.connect(timeout=timeout)
+    except BaseException:
+        await asyncio.shield(connection.close())
+        raise
     return connection
 
 

@@ -255,8 +255,14 @@ class Worker:
     async def run(self) -> int:
         """Start, serve until a stop request or a dead side task, stop; the process exit code."""
         try:
-            await self.start()
-            await self._stop_event.wait()
+            try:
+                await self.start()
+            except Exception as exc:
+                # One line that names the cause (e.g. the HTTP port in use), then stop and exit 1.
+                log.error("worker_start_failed", worker=self.name, error=str(exc) or type(exc).__name__)
+                self.exit_code = 1
+            else:
+                await self._stop_event.wait()
         finally:
             await self.stop()
         return self.exit_code

@@ -45,36 +45,46 @@ def tune_garbage_collector() -> None:
     gc.set_threshold(*GC_THRESHOLDS)
 
 
-def serve_gateway(settings: Settings) -> None:
-    """One gateway process until SIGTERM/SIGINT: stop accepting, drain, close clients."""
+def serve_gateway(settings: Settings, *, reuse_port: bool = False) -> int:
+    """One gateway process until SIGTERM/SIGINT: stop accepting, drain, close clients; exit code.
+
+    `reuse_port` only for the processes of one `--workers N` gateway: a lone gateway must not share
+    its port silently with another one already serving it (maybe on another database)."""
     configure_logging(settings.log_level, flush_after_s=LOG_FLUSH_AFTER_S)
     install_uvloop()
     tune_garbage_collector()
-    get_logger("gateway").info(
-        "gateway_starting", host=settings.gateway_host, port=settings.gateway_port, pid=os.getpid()
-    )
+    log = get_logger("gateway")
+    log.info("gateway_starting", host=settings.gateway_host, port=settings.gateway_port, pid=os.getpid())
     try:
         web.run_app(
             build_app(settings),
             host=settings.gateway_host,
             port=settings.gateway_port,
-            reuse_port=True,
+            reuse_port=reuse_port,
             access_log=None,
             print=None,
             handle_signals=True,
             shutdown_timeout=SHUTDOWN_GRACE_S,
         )
+    except OSError as exc:  # the listening socket: port in use, an address that does not resolve
+        log.error("gateway_start_failed", error=str(exc) or type(exc).__name__)
+        return 1
     finally:
         flush_logs()
+    return 0
+
+
+def _serve_worker(settings: Settings) -> None:
+    """One of `--workers N` processes (a multiprocessing target: its exit code is the result)."""
+    sys.exit(serve_gateway(settings, reuse_port=True))
 
 
 def run_gateways(settings: Settings, workers: int) -> int:
     """Run `workers` gateway processes and forward SIGTERM/SIGINT to them; exit 0 when all drained."""
     if workers <= 1:
-        serve_gateway(settings)
-        return 0
+        return serve_gateway(settings)
     ctx = multiprocessing.get_context("spawn")
-    children = [ctx.Process(target=serve_gateway, args=(settings,), daemon=False) for _ in range(workers)]
+    children = [ctx.Process(target=_serve_worker, args=(settings,), daemon=False) for _ in range(workers)]
     for child in children:
         child.start()
 

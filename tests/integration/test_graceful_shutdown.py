@@ -5,6 +5,9 @@ the (batched) access log."""
 from __future__ import annotations
 
 import asyncio
+import json
+import subprocess
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -121,3 +124,19 @@ async def test_sigterm_under_load_loses_no_accepted_event(
         if line.startswith("{") and '"event":"request"' in line and '"status":200' in line
     )
     assert len(ok) <= logged_ok <= len(ok) + load.failed, (logged_ok, len(ok), load.failed)
+
+
+async def test_a_second_gateway_on_a_served_port_says_so_and_exits_1(
+    settings: Settings, tmp_path: Path
+) -> None:
+    """A lone gateway binds without SO_REUSEPORT: a second one on its port (maybe on another database)
+    used to share the port silently and take half of its requests."""
+    first = await GatewayProcess(settings_env(settings), tmp_path / "first.log").start()
+    try:
+        command = [sys.executable, "-m", "services.cli", "gateway"]
+        run = await asyncio.to_thread(subprocess.run, command, env=first.env, capture_output=True, timeout=60)
+    finally:
+        assert await first.stop() == 0
+    assert run.returncode == 1
+    [line] = [json.loads(x) for x in run.stderr.splitlines() if b"gateway_start_failed" in x]
+    assert str(first.port) in line["error"] and "Traceback" not in run.stderr.decode()

@@ -6,7 +6,9 @@ fleet-wide freeze lock of the month, so the freezer blocks inside `freeze_month`
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -20,6 +22,7 @@ import pytest
 from shared.amqp import FREEZER_QUEUE
 from shared.commands import CommandClient
 from shared.db import connect
+from shared.publisher import EventPublisher
 from shared.queries import query
 from shared.settings import Settings
 from tests.conftest import free_port, settings_env
@@ -133,3 +136,34 @@ async def test_crash_mid_command_leaves_it_to_the_next_freezer(
         first.kill()
         if second is not None:
             second.kill()
+
+
+@pytest.mark.parametrize("kind", ["reconciler", "freezer"])
+async def test_a_worker_whose_http_port_is_taken_says_so_and_exits_1(
+    settings: Settings, tmp_path: Path, kind: str
+) -> None:
+    """It used to hang (its broker connections, cancelled mid-connect, reconnected forever) and to
+    ignore SIGTERM, with nothing in its log about the port."""
+    with socket.socket() as taken:
+        taken.bind(("0.0.0.0", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        env = {**settings_env(settings), f"{kind.upper()}_HTTP_PORT": str(port)}
+        command = [sys.executable, "-m", "services.cli", kind]
+        run = await asyncio.to_thread(subprocess.run, command, env=env, capture_output=True, timeout=30)
+    assert run.returncode == 1
+    [line] = [json.loads(x) for x in run.stderr.splitlines() if b"worker_start_failed" in x]
+    assert str(port) in line["error"] and line["level"] == "error"
+
+
+async def test_a_publisher_closed_while_connecting_leaves_no_connection_behind(amqp_url: str) -> None:
+    """aio-pika's reconnection task outlived a cancelled first connect and retried forever, so a process
+    stopping during its start-up never ended."""
+    for delay in (0, 0.001, 0.003):
+        publisher = EventPublisher(amqp_url, timeout_ms=1000)
+        await publisher.start()
+        await asyncio.sleep(delay)
+        await publisher.close()
+        await asyncio.sleep(0.1)
+        reconnecting = [t for t in asyncio.all_tasks() if "connection_factory" in repr(t.get_coro())]
+        assert reconnecting == [], delay
