@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
@@ -291,10 +292,16 @@ class CommandConsumer:
     handlers: dict[str, CommandHandler] = field(default_factory=dict)
     prefetch: int = 1
     delivery_limit: int = COMMAND_DELIVERY_LIMIT
+    # Errors of an unreachable dependency: the handler is run again in place, with backoff, for up to
+    # `transient_retry_s`, instead of returning the message at once (each return is a delivery, and
+    # the queue dead-letters a good command after x-delivery-limit of them within milliseconds).
+    transient_errors: tuple[type[BaseException], ...] = ()
+    transient_retry_s: float = 300.0
     _queue: AbstractQueue | None = None
     _channel: AbstractChannel | None = None
     _consumer_tag: str | None = None
     _in_flight: set[asyncio.Task[Any]] = field(default_factory=set)
+    _stopping: bool = False
 
     def add(self, name: str, handler: CommandHandler) -> None:
         if name in self.handlers:
@@ -363,7 +370,7 @@ class CommandConsumer:
                 await self._reply(message, CommandRejected("unknown_command", command=request.name).reply())
                 return
             try:
-                reply = await handler(request)
+                reply = await self._call(handler, request, bound)
             except CommandRejected as exc:
                 bound.info("command_rejected", error=exc.error)
                 await self._reply(message, exc.reply())
@@ -387,6 +394,23 @@ class CommandConsumer:
             await self._reply(message, reply)
             bound.info("command_done", ok=reply.get("ok"))
 
+    async def _call(self, handler: CommandHandler, request: CommandRequest, bound: Any) -> JsonObject:
+        """The handler's reply; a dependency outage is waited out (backoff) up to `transient_retry_s`,
+        unless the consumer is stopping, then it counts as a failure of this delivery."""
+        deadline = time.monotonic() + self.transient_retry_s
+        delays = reconnect_delays()
+        while True:
+            try:
+                return await handler(request)
+            except self.transient_errors as exc:
+                delay = next(delays)
+                if self._stopping or time.monotonic() + delay > deadline:
+                    raise
+                bound.warning(
+                    "command_dependency_unavailable", error=str(exc) or type(exc).__name__, retry_in_s=delay
+                )
+                await asyncio.sleep(delay)
+
     async def _reply(self, message: AbstractIncomingMessage, reply: JsonObject) -> None:
         channel = self._channel
         if not message.reply_to or channel is None:
@@ -406,6 +430,7 @@ class CommandConsumer:
 
     async def stop(self, drain_timeout_s: float) -> None:
         """Stop consuming, wait for in-flight commands up to the bound, cancel the rest."""
+        self._stopping = True
         queue, tag = self._queue, self._consumer_tag
         self._consumer_tag = None
         if queue is not None and tag is not None:

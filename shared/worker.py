@@ -116,7 +116,9 @@ class Worker:
     _started: bool = field(init=False, default=False)
 
     def __post_init__(self) -> None:
-        self.consumer = CommandConsumer(self.command_queue, prefetch=self.prefetch)
+        self.consumer = CommandConsumer(
+            self.command_queue, prefetch=self.prefetch, transient_errors=TRANSIENT_ERRORS
+        )
         self.app = web.Application()
         self.app[WORKER_KEY] = self
         self.app.router.add_get("/healthz", self._healthz)

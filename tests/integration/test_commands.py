@@ -8,9 +8,12 @@ from collections.abc import AsyncIterator
 
 import aio_pika
 import aiohttp
+import asyncpg
 import pytest
+from structlog.testing import capture_logs
 
-from shared.amqp import DEAD_LETTER_QUEUE, FREEZER_QUEUE
+from services.reconciler.main import Reconciler, ReconcilerConfig
+from shared.amqp import DEAD_LETTER_QUEUE, FREEZER_QUEUE, RECONCILER_QUEUE
 from shared.commands import (
     CommandClient,
     CommandRejected,
@@ -19,8 +22,12 @@ from shared.commands import (
     CommandUnavailable,
     reply_http_status,
 )
+from shared.months import current_year_month
 from shared.settings import Settings
 from shared.worker import Schedule, Worker
+from tests.conftest import free_port
+from tests.integration.reconciler_support import add_rows, create_site
+from tests.support.proxy import TcpProxy
 
 QUEUE = FREEZER_QUEUE  # any command queue of the topology; these tests own the vhost's queues
 
@@ -218,3 +225,42 @@ async def test_not_ready_without_broker_and_unavailable_client(settings: Setting
             await client.call(QUEUE, "echo", {}, request_id=uuid.uuid4().hex)
     finally:
         await client.close()
+
+
+async def test_a_postgres_outage_is_waited_out_not_dead_lettered(
+    settings: Settings, client: CommandClient, db: asyncpg.Connection
+) -> None:
+    """SPEC §2: only poison goes to the dead-letter exchange. A command met by a dependency outage
+    used to be returned and redelivered at once, five times in ~30 ms, then dead-lettered unrun."""
+    site = await create_site(db)
+    await add_rows(db, site, current_year_month(), 2)
+    # Postgres "down": nothing listens on the port yet (connections refused at once); "back": a proxy
+    # to the real server starts listening there.
+    postgres = TcpProxy("127.0.0.1", 5432)
+    postgres.port = free_port()
+    database = settings.database_url.rsplit("/", 1)[1]
+    proxied = settings.with_overrides(
+        database_url=f"postgresql://postgres@127.0.0.1:{postgres.port}/{database}"
+    )
+    reconciler = Reconciler(proxied, ReconcilerConfig(schedules=False, http_port=0))
+    await reconciler.worker.start()
+    try:
+        await reconciler.worker.wait_amqp()
+        await wait_for(lambda: reconciler.worker.consumer.consuming)
+        with capture_logs() as logs:
+            call = asyncio.create_task(
+                client.call(RECONCILER_QUEUE, "enqueue", {}, request_id="outage", timeout_s=30)
+            )
+            await asyncio.sleep(2)  # the command meets the outage: several attempts, with backoff
+            assert not call.done()
+            await postgres.start()
+            reply = await call
+    finally:
+        await reconciler.worker.stop()
+        await postgres.close()
+    assert reply["ok"] is True and reply["enqueued"] == 2
+    events = [line["event"] for line in logs]
+    # Waited out in place: no delivery was spent (each one counts towards the dead-letter limit).
+    assert "command_failed" not in events and events.count("command_dependency_unavailable") >= 3
+    assert await queue_depth(settings.amqp_url, DEAD_LETTER_QUEUE) == 0
+    assert await db.fetchval("SELECT count(*) FROM billing_reconciliation_jobs WHERE site_id = $1", site) == 2
