@@ -25,6 +25,7 @@ from typing import Any
 
 import aio_pika
 import orjson
+import structlog
 from aio_pika.abc import (
     AbstractChannel,
     AbstractExchange,
@@ -363,6 +364,13 @@ class CommandConsumer:
     ) -> None:
         # requeue=True: an unexpected failure (or a cancellation at shutdown) returns the message; the
         # quorum queue counts deliveries and dead-letters it past x-delivery-limit.
+        # Every line the handler logs (jobs included) carries the command's request_id (SPEC §11).
+        with structlog.contextvars.bound_contextvars(request_id=request.request_id):
+            await self._run_in_context(message, request, bound)
+
+    async def _run_in_context(
+        self, message: AbstractIncomingMessage, request: CommandRequest, bound: Any
+    ) -> None:
         async with message.process(requeue=True, ignore_processed=True):
             handler = self.handlers.get(request.name)
             if handler is None:

@@ -25,6 +25,7 @@ from typing import Any
 import aio_pika
 import asyncpg
 import redis.asyncio as aioredis
+import structlog
 from aio_pika.abc import AbstractChannel, AbstractRobustConnection
 from aiohttp import web
 
@@ -32,6 +33,7 @@ from shared import worker_metrics
 from shared.amqp import connect_robust, declare_topology, reconnect_delays
 from shared.commands import CommandConsumer, CommandHandler
 from shared.db import create_pool
+from shared.ids import new_request_id
 from shared.logging import get_logger
 from shared.redis_client import create_redis
 from shared.settings import Settings
@@ -240,10 +242,12 @@ class Worker:
             await asyncio.sleep(schedule.interval_s)
         while True:
             more = False
-            try:
-                more = bool(await schedule.body())
-            except TRANSIENT_ERRORS as exc:
-                bound.warning("schedule_iteration_failed", error=str(exc) or type(exc).__name__)
+            # Each iteration is a job run of its own: its lines share one request_id (SPEC §11).
+            with structlog.contextvars.bound_contextvars(request_id=new_request_id()):
+                try:
+                    more = bool(await schedule.body())
+                except TRANSIENT_ERRORS as exc:
+                    bound.warning("schedule_iteration_failed", error=str(exc) or type(exc).__name__)
             busy = schedule.busy_interval_s
             await asyncio.sleep(busy if (more and busy is not None) else schedule.interval_s)
 

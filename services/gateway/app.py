@@ -11,6 +11,7 @@ from aiohttp import web
 from services.gateway import cron_freeze, cron_reconcile, export, health, metrics_api, sync, watchtower
 from services.gateway.context import CONTEXT, REQUEST_ID, REQUEST_SITE, SETTINGS, GatewayContext
 from services.gateway.responses import error_response
+from shared.auth import MIN_JWT_SECRET_BYTES, jwt_secret_usable
 from shared.billing_counters import BillingCounters
 from shared.buildinfo import resolve_build_info
 from shared.db import close_pool, create_pool
@@ -73,6 +74,13 @@ async def request_context(request: web.Request, handler: Handler) -> web.StreamR
 
 async def _clients(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
+    if not jwt_secret_usable(settings):
+        # SPEC §10: the gateway still starts, and says so once now (each export answers 503 too).
+        log.error(
+            "auth_misconfigured",
+            detail=f"AUTH_JWT_SECRET is unset or shorter than {MIN_JWT_SECRET_BYTES} bytes: "
+            "the dispute export answers 503 auth_misconfigured",
+        )
     # min_size=0: the gateway starts (and answers 500 billing_gate_closed) while Postgres is down.
     pool = await create_pool(
         settings.database_url, min_size=0, max_size=16, timeout=2.0, role=settings.database_role

@@ -372,7 +372,11 @@ async def test_unusable_jwt_secret_answers_503(
     world: World,
     secret: str | None,
 ) -> None:
-    base = await open_gateway(settings.with_overrides(auth_jwt_secret=secret))
+    with capture_logs() as logs:
+        base = await open_gateway(settings.with_overrides(auth_jwt_secret=secret))
+    # SPEC §10: "still starts, logs an error" (at start-up, not only when an export is asked for).
+    [misconfigured] = [line for line in logs if line["event"] == "auth_misconfigured"]
+    assert misconfigured["log_level"] == "error"
     bearer = _forged({"sub": "owner-1", "exp": int(time.time()) + 60})
     status, headers, _ = await export(http, base, site=world.site, bearer=bearer)
     assert (status, headers["x-opsmantik-error-code"]) == (503, "auth_misconfigured")

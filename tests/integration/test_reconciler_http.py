@@ -10,7 +10,9 @@ from typing import Any
 import aio_pika
 import asyncpg
 import pytest
+import structlog
 from aiohttp.test_utils import TestClient
+from structlog.testing import capture_logs
 
 from services.reconciler.main import Reconciler, ReconcilerConfig
 from shared.amqp import RECONCILER_QUEUE
@@ -128,8 +130,12 @@ async def test_enqueue_run_and_reconcile_usage_shapes(
     assert (body["processed"], body["completed"], body["failed"]) == (4, 4, 0)
 
     await add_rows(db, b, CURRENT, 2)
-    status, body = await call(gateway, "GET", "/api/cron/reconcile-usage", headers=AUTH)
+    with capture_logs(processors=[structlog.contextvars.merge_contextvars]) as logs:
+        status, body = await call(gateway, "GET", "/api/cron/reconcile-usage", headers=AUTH)
     assert status == 200
+    # SPEC §11: one line per job, with the request_id of the request that ran it.
+    job_lines = [line for line in logs if line["event"] == "BILLING_RECONCILE_OK"]
+    assert len(job_lines) == 4 and {line.get("request_id") for line in job_lines} == {body["request_id"]}
     assert body.keys() == {"ok", "enqueued", "processed", "completed", "failed", "request_id"}
     assert (body["enqueued"], body["processed"], body["completed"], body["failed"]) == (4, 4, 4, 0)
     usage = await db.fetchval(
