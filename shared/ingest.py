@@ -121,9 +121,12 @@ class _Reseeded(Exception):
 class _NeedsSeed(Exception):
     """Some (site, month) counters must be seeded before the group can reserve quota."""
 
-    def __init__(self, pairs: list[tuple[uuid.UUID, str]]) -> None:
+    def __init__(self, pairs: list[tuple[uuid.UUID, str]], *, at_limit: bool = False) -> None:
         super().__init__(f"{len(pairs)} quota counter(s) to seed")
         self.pairs = pairs
+        # Seeded because a group reached the monthly limit (`passes_monthly_limit`), not because a
+        # counter was missing or marked for Postgres: only such a seed counts as the limit check.
+        self.at_limit = at_limit
 
 
 class _DataRejected(Exception):
@@ -345,7 +348,7 @@ class IngestPipeline:
                     raise
         except _NeedsSeed as exc:
             # The transaction is rolled back: our shared locks are gone, so the seed can take its lock.
-            await self._reseed(conn, exc.pairs)
+            await self._reseed(conn, exc.pairs, at_limit=exc.at_limit)
             raise _Reseeded from None
         return [
             CaptureResult([res for res in request_results if res is not None], not use_redis)
@@ -440,11 +443,15 @@ class IngestPipeline:
             # exactly (EXCLUSIVE lock) and run the group again.
             await self._release(reserved)
             reserved.clear()
-            raise _NeedsSeed(unchecked)
+            raise _NeedsSeed(unchecked, at_limit=True)
         return usage_before
 
-    async def _reseed(self, conn: asyncpg.Connection, pairs: list[tuple[uuid.UUID, str]]) -> None:
-        """Seed Redis counters exactly from Postgres under the exclusive (site, month) lock."""
+    async def _reseed(
+        self, conn: asyncpg.Connection, pairs: list[tuple[uuid.UUID, str]], *, at_limit: bool = False
+    ) -> None:
+        """Seed Redis counters exactly from Postgres under the exclusive (site, month) lock; `at_limit`:
+        this seed is the limit check, trusted for `limit_check_ttl_s` (a seed of a missing key is not:
+        a reservation leaked after it must still be found when the month reaches its limit)."""
         for site_id, year_month in sorted(set(pairs)):
             async with conn.transaction():
                 count = await conn.fetchval(query("quota_reseed"), site_id, year_month)
@@ -454,7 +461,8 @@ class IngestPipeline:
                     )
                 except REDIS_ERRORS as exc:
                     raise _RedisUnavailable from exc  # rolls back: the month stays marked for Postgres
-            self._checked_until[(site_id, year_month)] = time.monotonic() + self._limit_check_ttl_s
+            if at_limit:
+                self._checked_until[(site_id, year_month)] = time.monotonic() + self._limit_check_ttl_s
             log.info("quota_counter_seeded", site_id=str(site_id), year_month=year_month, used=int(count))
         self._forget_stale_checks()
 

@@ -132,17 +132,22 @@ def _check_texts(values: dict[str, Any]) -> None:
 
 
 def check_url(name: str, url: str) -> None:
-    """A URL variable must name its client's scheme and a host (a unix socket path for redis)."""
+    """A URL variable must name its client's scheme, and (Redis, AMQP) a host or a unix socket path.
+
+    A Postgres URL may name no host (libpq's PGHOST or the default socket) or several (failover, e.g.
+    `postgresql://db1:5432,db2:5433/rk`), as asyncpg accepts them."""
     schemes = URL_SCHEMES[name]
+    scheme = url.partition("://")[0].lower() if "://" in url else ""
+    if scheme not in schemes:
+        raise SettingsError(f"{name} must be a {' or '.join(s + '://' for s in schemes)} URL, got {url!r}")
+    if scheme.startswith("postgres"):
+        return
     try:
         parts = urlsplit(url)
         parts.port  # noqa: B018 (raises on a port that is not a number)
     except ValueError as exc:
         raise SettingsError(f"{name} is not a valid URL: {exc}") from exc
-    if parts.scheme.lower() not in schemes:
-        raise SettingsError(f"{name} must be a {' or '.join(s + '://' for s in schemes)} URL, got {url!r}")
-    has_target = parts.hostname or (parts.scheme == "unix" and parts.path)
-    if not has_target and not (parts.scheme.startswith("postgres") and "host=" in parts.query):
+    if not (parts.hostname or (scheme == "unix" and parts.path)):
         raise SettingsError(f"{name} names no host: {url!r}")
 
 

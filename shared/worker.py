@@ -56,6 +56,24 @@ TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
     aio_pika.exceptions.AMQPError,
 )
 
+# What a command handler waits out in place (shared.commands.CommandConsumer): a dependency that does not
+# answer. Narrower than TRANSIENT_ERRORS: a Redis reply error or an AMQP channel error that would fail
+# the same way on every attempt is a failed delivery at once (poison is dead-lettered, not waited on).
+DEPENDENCY_DOWN_ERRORS: tuple[type[BaseException], ...] = (
+    ConnectionError,
+    TimeoutError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.TooManyConnectionsError,
+    asyncpg.exceptions.LockNotAvailableError,
+    asyncpg.exceptions.DeadlockDetectedError,
+    asyncpg.exceptions.SerializationError,
+    aioredis.ConnectionError,
+    aioredis.TimeoutError,
+    aio_pika.exceptions.AMQPConnectionError,
+)
+
 # Hooks that add routes to every worker's HTTP app (`hook(app, worker)`), e.g. Prometheus `/metrics`.
 HTTP_EXTENSIONS: list[Callable[[web.Application, Worker], None]] = [worker_metrics.install]
 
@@ -119,7 +137,7 @@ class Worker:
 
     def __post_init__(self) -> None:
         self.consumer = CommandConsumer(
-            self.command_queue, prefetch=self.prefetch, transient_errors=TRANSIENT_ERRORS
+            self.command_queue, prefetch=self.prefetch, transient_errors=DEPENDENCY_DOWN_ERRORS
         )
         self.app = web.Application()
         self.app[WORKER_KEY] = self

@@ -126,7 +126,6 @@ def test_an_explicit_mapping_ignores_the_process_environment(monkeypatch: pytest
         ("TRUSTED_PROXIES", "10.0.0.0/8,not-an-ip", "TRUSTED_PROXIES has an invalid entry 'not-an-ip'"),
         ("DATABASE_URL", "notaurl", "DATABASE_URL must be a postgresql:// or postgres:// URL"),
         ("DATABASE_URL", "mysql://x@127.0.0.1/db", "DATABASE_URL must be a postgresql://"),
-        ("DATABASE_URL", "postgresql:///revkernel", "DATABASE_URL names no host"),
         ("REDIS_URL", "127.0.0.1:6379", "REDIS_URL must be a redis:// or rediss:// or unix:// URL"),
         ("AMQP_URL", "notaurl", "AMQP_URL must be a amqp:// or amqps:// URL"),
         ("AMQP_URL", "amqp://guest:guest@h:99999/", "AMQP_URL is not a valid URL"),
@@ -144,6 +143,8 @@ def test_urls_every_client_takes_are_accepted() -> None:
     for name, url in [
         ("DATABASE_URL", "postgres://u:p@db.internal:6432/revkernel?sslmode=require"),
         ("DATABASE_URL", "postgresql:///revkernel?host=/var/run/postgresql"),
+        ("DATABASE_URL", "postgresql:///revkernel"),  # PGHOST or the default socket
+        ("DATABASE_URL", "postgresql://db1:5432,db2:5433/revkernel"),  # failover hosts
         ("REDIS_URL", "rediss://:secret@cache:6380/2"),
         ("REDIS_URL", "unix:///run/redis.sock"),
         ("AMQP_URL", "amqps://u:p@mq/vhost"),
