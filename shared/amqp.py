@@ -6,7 +6,7 @@ import asyncio
 from collections.abc import Iterator
 
 import aio_pika
-from aio_pika.abc import AbstractChannel, AbstractRobustConnection
+from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractRobustConnection
 from aio_pika.connection import make_url
 
 INGEST_EXCHANGE = "ingest"
@@ -41,6 +41,18 @@ async def connect_robust(url: str, *, timeout: float = 5) -> AbstractRobustConne
     reconnecting" and retries forever), which kept a process that stopped during start-up alive.
     """
     connection = aio_pika.RobustConnection(make_url(url))
+    try:
+        await connection.connect(timeout=timeout)
+    except BaseException:
+        await asyncio.shield(connection.close())
+        raise
+    return connection
+
+
+async def connect_once(url: str, *, timeout: float = 5) -> AbstractConnection:
+    """A plain connection (no reconnect), closed again if its connect fails or is cancelled midway, so
+    no socket outlives a process stopping during start-up."""
+    connection = aio_pika.Connection(make_url(url))
     try:
         await connection.connect(timeout=timeout)
     except BaseException:

@@ -14,7 +14,7 @@ import aio_pika
 from aio_pika.abc import AbstractRobustConnection
 
 from shared import prom
-from shared.amqp import INGEST_EXCHANGE, connect_robust, declare_topology, reconnect_delays
+from shared.amqp import INGEST_EXCHANGE, connect_once, connect_robust, declare_topology, reconnect_delays
 from shared.amqp_wire import ConfirmConnection, OutgoingMessage, WireError
 from shared.logging import get_logger
 
@@ -62,9 +62,11 @@ class EventPublisher:
             try:
                 wire = await ConfirmConnection.open(self._url, timeout=3)
                 await self._declare_topology()
-            except CONNECT_ERRORS as exc:
+            except BaseException as exc:
                 if wire is not None:
-                    wire.abort()
+                    wire.abort()  # also when cancelled (closing during start-up): no socket left open
+                if not isinstance(exc, CONNECT_ERRORS):
+                    raise
                 delay = next(delays)
                 log.warning("amqp_connect_failed", error=str(exc) or type(exc).__name__, retry_in_s=delay)
                 await asyncio.sleep(delay)
@@ -82,12 +84,12 @@ class EventPublisher:
     async def _declare_topology(self) -> None:
         """Declare the contract topology on a short-lived connection (after every reconnect: the broker
         may have come back without it)."""
-        connection = await aio_pika.connect(self._url, timeout=3)
+        connection = await connect_once(self._url, timeout=3)
         try:
             async with connection.channel() as channel:
                 await declare_topology(channel)
         finally:
-            await connection.close()
+            await asyncio.shield(connection.close())
 
     async def _open_control(self) -> None:
         """The robust control connection for the queue-depth probe (it reconnects by itself once made)."""

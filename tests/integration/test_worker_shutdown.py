@@ -6,7 +6,9 @@ fleet-wide freeze lock of the month, so the freezer blocks inside `freeze_month`
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -159,7 +161,8 @@ async def test_a_worker_whose_http_port_is_taken_says_so_and_exits_1(
 async def test_a_publisher_closed_while_connecting_leaves_no_connection_behind(amqp_url: str) -> None:
     """aio-pika's reconnection task outlived a cancelled first connect and retried forever, so a process
     stopping during its start-up never ended."""
-    for delay in (0, 0.001, 0.003):
+    sockets_before = open_sockets()
+    for delay in (0, 0.001, 0.003, 0.006, 0.01, 0.02):
         publisher = EventPublisher(amqp_url, timeout_ms=1000)
         await publisher.start()
         await asyncio.sleep(delay)
@@ -167,3 +170,14 @@ async def test_a_publisher_closed_while_connecting_leaves_no_connection_behind(a
         await asyncio.sleep(0.1)
         reconnecting = [t for t in asyncio.all_tasks() if "connection_factory" in repr(t.get_coro())]
         assert reconnecting == [], delay
+        # Nor a socket: a wire or topology connection cancelled mid-start used to stay open.
+        assert open_sockets() <= sockets_before, delay
+
+
+def open_sockets() -> set[str]:
+    """This process's open sockets (by inode)."""
+    links = set()
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            links.add(os.readlink(f"/proc/self/fd/{fd}"))
+    return {link for link in links if link.startswith("socket:")}
