@@ -69,9 +69,14 @@ def floor_to(ms: int, bucket_ms: int) -> int:
 
 def client_clock_ms(ts: Any, server_ms: int) -> int | None:
     """The client's `ts` in ms when it is numeric and within ±5 min of the server clock, else None."""
-    if isinstance(ts, bool) or not isinstance(ts, int | float) or not math.isfinite(ts):
+    if isinstance(ts, bool) or not isinstance(ts, int | float):
         return None
-    ms = math.floor(ts * 1000) if ts < SECONDS_THRESHOLD else math.floor(ts)
+    scaled = ts * 1000 if ts < SECONDS_THRESHOLD else ts
+    # Not finite (also a float whose ms overflow to -inf, e.g. -1e306 seconds): unusable, like any
+    # other `ts` outside the window.
+    if not math.isfinite(scaled):
+        return None
+    ms = math.floor(scaled)
     return ms if abs(ms - server_ms) <= CLIENT_CLOCK_WINDOW_MS else None
 
 

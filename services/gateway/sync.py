@@ -10,6 +10,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from aiohttp import web
+from aiohttp.web_protocol import RequestPayloadError
 
 from services.gateway.context import CONTEXT, REQUEST_SITE, GatewayContext, request_id
 from services.gateway.responses import error_response, json_response
@@ -108,7 +109,11 @@ async def _gates(request: web.Request) -> web.Response:
     gate = request.app[SYNC_GATE]
     settings = gate.context.settings
     try:
-        body = parse_sync_body(await request.read())
+        raw = await request.read()
+    except RequestPayloadError as exc:  # e.g. `Content-Encoding: gzip` over bytes that are not gzip
+        return error_response(400, "invalid_json", detail=f"the body could not be decoded: {exc}")
+    try:
+        body = parse_sync_body(raw)
     except ShapeError as exc:
         status = 413 if exc.code == "payload_too_large" else 400
         return error_response(status, exc.code, detail=exc.detail)
@@ -293,9 +298,10 @@ def _batch_response(body: SyncBody, capture: CaptureRequest, result: CaptureResu
         else:
             tally["rejected"] += 1
     headers: dict[str, str] = {}
-    if result is not None and result.quota_from_postgres:
-        headers.update(_degraded_header("quota_pg_conservative"))
-    if result is not None and any(r.status is EventStatus.DEGRADED for r in result.events):
+    degraded = result is not None and any(r.status is EventStatus.DEGRADED for r in result.events)
+    pg_quota = "quota_pg_conservative" if result is not None and result.quota_from_postgres else ""
+    headers.update(_degraded_header("broker_publish_failed" if degraded else "", pg_quota))
+    if degraded:
         headers["x-opsmantik-fallback"] = "true"
     return json_response(200, {"ok": True, "results": entries, **tally}, headers)
 

@@ -242,6 +242,42 @@ async def test_user_agent_bytes_that_are_not_utf8_are_captured(
     assert len(await rows(db)) == 1
 
 
+async def test_a_degraded_batch_says_so_in_its_headers(
+    settings: Settings, db: asyncpg.Connection, make_site: MakeSite, amqp_url: str
+) -> None:
+    """SPEC §3's degraded row holds for a batch too: it lacked `x-opsmantik-degraded`."""
+    await make_site(monthly_limit=10)
+    proxy = await TcpProxy("127.0.0.1", 5672).start()
+    vhost = amqp_url.rsplit("/", 1)[1]
+    try:
+        async with gateway_client(
+            settings.with_overrides(amqp_url=f"amqp://guest:guest@127.0.0.1:{proxy.port}/{vhost}")
+        ) as client:
+            await wait_for_amqp(client)
+            await proxy.cut()
+            status, body, headers = await post(client, {"events": [event(), event()]})
+    finally:
+        await proxy.close()
+    assert status == 200 and [r["status"] for r in body["results"]] == ["degraded", "degraded"]
+    assert headers["x-opsmantik-degraded"] == "broker_publish_failed"
+    assert headers["x-opsmantik-fallback"] == "true"
+    assert await db.fetchval("SELECT count(*) FROM ingest_fallback_buffer") == 2
+
+
+@pytest.mark.parametrize("encoding", ["gzip", "deflate"])
+async def test_a_body_that_cannot_be_decompressed_is_400(
+    gateway: Client, db: asyncpg.Connection, make_site: MakeSite, encoding: str
+) -> None:
+    """aiohttp raises while it inflates such a body; it was answered 500 `internal_error`."""
+    await make_site()
+    response = await gateway.post(
+        "/api/sync", data=b"this is not " + encoding.encode(), headers={"Content-Encoding": encoding}
+    )
+    body = await response.json()
+    assert response.status == 400 and body["error"] == "invalid_json" and "decoded" in body["detail"]
+    assert len(await rows(db)) == 0
+
+
 async def test_postgres_unreachable_closes_the_gate(
     settings: Settings, db: asyncpg.Connection, make_site: MakeSite, amqp_url: str, redis_client: Any
 ) -> None:

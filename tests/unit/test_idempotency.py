@@ -56,6 +56,17 @@ def test_v2_client_clock_outside_window_falls_back_to_server_time() -> None:
     assert compute_key(SITE, event, SERVER_MS, 2).t_ms == t
 
 
+@given(ts=st.floats(allow_nan=True, allow_infinity=True) | st.integers())
+def test_v2_any_numeric_ts_gives_a_key(ts: float) -> None:
+    """A `ts` the clock rules cannot use falls back to server time; none raises (-1e306 seconds
+    overflowed to -inf ms and answered 500, failing its whole batch)."""
+    for ea in ("heartbeat", "page_view"):
+        event = {"s": "p", "url": "https://x", "ea": ea, "ts": ts}
+        assert compute_key(SITE, event, SERVER_MS, 2).t_ms > 0
+    far = {"s": "p", "url": "https://x", "ea": "heartbeat", "ts": -1.5e306}
+    assert compute_key(SITE, far, SERVER_MS, 2).t_ms == SERVER_MS // 10_000 * 10_000
+
+
 def test_v2_page_view_uses_client_ms_and_2s_bucket() -> None:
     event = {"s": "p", "url": "https://x", "ec": "page", "ts": SERVER_MS - 3_001}
     assert compute_key(SITE, event, SERVER_MS, 2).t_ms == (SERVER_MS - 3_001) // 2000 * 2000
