@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
 
@@ -19,6 +19,21 @@ MAX_ROUTING_KEY_BYTES = 255
 
 class SiteNotFound(LookupError):
     """No site has that UUID or public id."""
+
+
+DEFAULT_PORTS = {"http": "80", "https": "443"}
+
+
+def origin_key(origin: str) -> str:
+    """An origin as a browser serializes it (`scheme://host[:port]`): lower case, no default port, no
+    trailing slash. An allow-list entry written `https://Example.com:443/` matches the `Origin:
+    https://example.com` a browser sends."""
+    text = origin.strip().rstrip("/").lower()
+    scheme, sep, rest = text.partition("://")
+    host, colon, port = rest.rpartition(":")
+    if sep and colon and port == DEFAULT_PORTS.get(scheme):
+        return f"{scheme}://{host}"
+    return text
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,12 +57,16 @@ class Site:
     allowed_origins: tuple[str, ...]
     rate_limit_per_minute: int | None
     plan: Plan
+    origin_keys: frozenset[str] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "origin_keys", frozenset(origin_key(o) for o in self.allowed_origins))
 
     def allows_origin(self, origin: str | None) -> bool:
-        """No Origin = server-side sender; `*` allows any origin."""
+        """No Origin = server-side sender; `*` allows any origin; compared as `origin_key`s."""
         if origin is None:
             return True
-        return "*" in self.allowed_origins or origin in self.allowed_origins
+        return "*" in self.origin_keys or origin_key(origin) in self.origin_keys
 
     def as_dict(self) -> dict[str, Any]:
         return {

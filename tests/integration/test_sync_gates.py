@@ -410,11 +410,29 @@ async def test_bad_input_answers(gateway: Client, db: asyncpg.Connection, make_s
     assert allowed[0] == 200
 
 
+async def test_origins_compare_as_browsers_serialize_them(
+    gateway: Client, db: asyncpg.Connection, make_site: MakeSite
+) -> None:
+    """An allow-list entry written with capitals, the default port or a trailing slash matched no
+    browser `Origin` (always `scheme://host`, lower case): every browser event of the site was 403."""
+    await make_site(origins=["https://Shop.Example:443/", "http://intranet.test:8080"])
+    for origin in ("https://shop.example", "https://SHOP.example", "http://intranet.test:8080"):
+        status, body, _ = await post(gateway, event(), Origin=origin)
+        assert (status, body["status"]) == (200, "queued"), origin
+    for origin in ("http://shop.example", "https://shop.example:8443", "http://intranet.test"):
+        status, body, _ = await post(gateway, event(), Origin=origin)
+        assert (status, body["error"]) == (403, "origin_not_allowed"), origin
+    assert len(await rows(db)) == 3
+
+
 async def test_method_not_allowed_and_cors_preflight(gateway: Client) -> None:
-    response = await gateway.get("/api/sync")
-    assert response.status == 405
-    assert (await response.json())["error"] == "method_not_allowed"
-    assert response.headers["x-opsmantik-error-code"] == "method_not_allowed"
+    for method in ("GET", "PUT", "PATCH", "DELETE", "HEAD", "TRACE"):
+        response = await gateway.request(method, "/api/sync")
+        assert response.status == 405, method
+        assert response.headers["Allow"] == "POST, OPTIONS", method
+        assert response.headers["x-opsmantik-error-code"] == "method_not_allowed", method
+        if method != "HEAD":
+            assert (await response.json())["error"] == "method_not_allowed"
 
     preflight = await gateway.options("/api/sync", headers={"Origin": "https://shop.example"})
     assert preflight.status == 204
