@@ -59,11 +59,23 @@ def client_ip(peer: str | None, forwarded_for: str | None, trusted: Sequence[IpN
     peer = peer or "unknown"
     if not forwarded_for or not trusted or not _is_trusted(peer, trusted):
         return peer
-    hops = [hop.strip() for hop in forwarded_for.split(",") if hop.strip()]
+    hops = [_without_port(hop.strip()) for hop in forwarded_for.split(",") if hop.strip()]
     for hop in reversed(hops):
         if not _is_trusted(hop, trusted):
             return hop if _is_ip(hop) else peer
     return hops[0] if hops and _is_ip(hops[0]) else peer
+
+
+def _without_port(hop: str) -> str:
+    """`203.0.113.9:5555` → `203.0.113.9`, `[2001:db8::1]:443` → `2001:db8::1` (some load balancers
+    append the client's port); anything else unchanged."""
+    if hop.startswith("["):
+        host, bracket, _ = hop[1:].partition("]")
+        return host if bracket else hop
+    if hop.count(":") == 1:
+        host, _, port = hop.partition(":")
+        return host if port.isdigit() else hop
+    return hop
 
 
 def _is_ip(value: str) -> bool:

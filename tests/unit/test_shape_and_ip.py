@@ -100,6 +100,11 @@ def test_client_ip() -> None:
     assert client_ip("127.0.0.1", "203.0.113.9", TRUSTED) == "203.0.113.9"
     assert client_ip("127.0.0.1", "203.0.113.9, 10.1.2.3", TRUSTED) == "203.0.113.9"
     assert client_ip("127.0.0.1", "6.6.6.6, 203.0.113.9", TRUSTED) == "203.0.113.9"  # spoofed left hop
+    # A hop with the client's port (some load balancers add it) is still that client, not the proxy.
+    assert client_ip("127.0.0.1", "203.0.113.9:5555", TRUSTED) == "203.0.113.9"
+    assert client_ip("127.0.0.1", "[2001:db8::1]:443", TRUSTED) == "2001:db8::1"
+    assert client_ip("127.0.0.1", "2001:db8::1", TRUSTED) == "2001:db8::1"
+    assert client_ip("127.0.0.1", "203.0.113.9:x", TRUSTED) == "127.0.0.1"  # not an address: the peer
     # aiohttp keeps undecodable header bytes as surrogates; ipaddress would take them as a scope id
     assert client_ip("127.0.0.1", "fe80::1%\udcff", TRUSTED) == "127.0.0.1"
     assert client_ip("127.0.0.1", "garbage", TRUSTED) == "127.0.0.1"
