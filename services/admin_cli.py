@@ -15,7 +15,16 @@ from shared.auth import AuthMisconfigured, issue_token
 from shared.db import connect, redact_dsn
 from shared.migrate import MigrationError, migrate
 from shared.settings import Settings
-from shared.sites import ROLES, Site, SiteNotFound, add_member, create_site, resolve_site, set_plan
+from shared.sites import (
+    MAX_HARD_CAP_MULTIPLIER,
+    ROLES,
+    Site,
+    SiteNotFound,
+    add_member,
+    create_site,
+    resolve_site,
+    set_plan,
+)
 
 T = TypeVar("T")
 
@@ -25,8 +34,10 @@ def _multiplier(raw: str) -> Decimal:
         value = Decimal(raw)
     except InvalidOperation:
         raise argparse.ArgumentTypeError(f"not a number: {raw!r}") from None
-    if not value.is_finite() or value < 1:
-        raise argparse.ArgumentTypeError("the hard cap multiplier must be a number >= 1")
+    if not value.is_finite() or not 1 <= value <= MAX_HARD_CAP_MULTIPLIER:
+        raise argparse.ArgumentTypeError(
+            f"the hard cap multiplier must be a number between 1 and {MAX_HARD_CAP_MULTIPLIER}"
+        )
     return value
 
 

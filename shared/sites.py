@@ -22,6 +22,10 @@ class SiteNotFound(LookupError):
 
 
 DEFAULT_PORTS = {"http": "80", "https": "443"}
+# Largest hard cap the gate uses: a counter's reach in Redis's Lua numbers (doubles, exact to 2^53).
+MAX_HARD_CAP = 2**53
+# What `revkernel plan set` accepts as a hard-cap multiplier.
+MAX_HARD_CAP_MULTIPLIER = Decimal(1000)
 
 
 def origin_key(origin: str) -> str:
@@ -45,8 +49,11 @@ class Plan:
 
     @property
     def hard_cap(self) -> int:
-        """H = floor(N × multiplier) (SPEC §5)."""
-        return int(Decimal(self.monthly_limit) * self.hard_cap_multiplier)
+        """H = floor(N × multiplier) (SPEC §5), exactly (a Decimal product rounds at 28 digits, so
+        3 × 1.99999999999999999999999999999 gave 6, not 5), at most `MAX_HARD_CAP` (a multiplier
+        set in SQL to 1E+5000 made a cap Redis could not be sent)."""
+        numerator, denominator = self.hard_cap_multiplier.as_integer_ratio()
+        return min(self.monthly_limit * numerator // denominator, MAX_HARD_CAP)
 
 
 @dataclass(frozen=True, slots=True)

@@ -425,6 +425,17 @@ async def test_origins_compare_as_browsers_serialize_them(
     assert len(await rows(db)) == 3
 
 
+async def test_a_plan_with_an_absurd_multiplier_still_takes_events(
+    gateway: Client, db: asyncpg.Connection, make_site: MakeSite
+) -> None:
+    """A multiplier of 1E+5000 (the CLI now refuses it; SQL does not) made a hard cap with more than
+    4,300 digits, which could not be sent to Redis: every event of the site answered 500."""
+    await make_site(monthly_limit=2, soft=True, multiplier="1E+5000")
+    answers = [await post(gateway, event()) for _ in range(3)]
+    assert [(status, body["status"]) for status, body, _ in answers] == [(200, "queued")] * 3
+    assert [r["billing_state"] for r in await rows(db)] == ["ACCEPTED", "ACCEPTED", "OVERAGE"]
+
+
 async def test_method_not_allowed_and_cors_preflight(gateway: Client) -> None:
     for method in ("GET", "PUT", "PATCH", "DELETE", "HEAD", "TRACE"):
         response = await gateway.request(method, "/api/sync")

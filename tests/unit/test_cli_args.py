@@ -7,6 +7,10 @@ import pytest
 from services.cli import main
 
 CASES = [
+    (
+        ["plan", "set", "--site", "shop", "--monthly-limit", "5", "--hard-cap-multiplier", "1e5000"],
+        "--hard-cap-multiplier: the hard cap multiplier must be a number between 1 and 1000",
+    ),
     (["gateway", "--port", "70000"], "--port: must be between 0 and 65535"),
     (["gateway", "--port", "-1"], "--port: must be >= 0"),
     (["gateway", "--workers", "0"], "--workers: must be > 0"),
@@ -25,11 +29,11 @@ CASES = [
     (["plan", "set", "--site", "", "--monthly-limit", "5"], "--site: must not be empty"),
     (
         ["plan", "set", "--site", "shop", "--monthly-limit", "5", "--hard-cap-multiplier", "0.5"],
-        "--hard-cap-multiplier: the hard cap multiplier must be a number >= 1",
+        "--hard-cap-multiplier: the hard cap multiplier must be a number between 1 and 1000",
     ),
     (
         ["plan", "set", "--site", "shop", "--monthly-limit", "5", "--hard-cap-multiplier", "NaN"],
-        "--hard-cap-multiplier: the hard cap multiplier must be a number >= 1",
+        "--hard-cap-multiplier: the hard cap multiplier must be a number between 1 and 1000",
     ),
     (
         ["plan", "set", "--site", "shop", "--monthly-limit", "5", "--soft-limit", "--no-soft-limit"],

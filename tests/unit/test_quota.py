@@ -5,7 +5,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from shared.quota import Decision, decide_group, events_to_take, non_billable_reason, passes_monthly_limit
-from shared.sites import Plan
+from shared.sites import MAX_HARD_CAP, Plan
 
 
 def decisions(used: int, n: int, plan: Plan) -> list[str]:
@@ -81,3 +81,13 @@ def test_passes_monthly_limit_exactly_when_a_decision_is_not_plain_acceptance() 
             for count in range(1, 4):
                 plain = set(decisions(used, count, plan)) == {"A"}
                 assert passes_monthly_limit(used, count, plan) is not plain
+
+
+def test_hard_cap_is_the_exact_floor_and_bounded() -> None:
+    # A 28-digit Decimal product rounded this up to 6 (one overage event too many).
+    plan = Plan(3, soft_limit_enabled=True, hard_cap_multiplier=Decimal("1.99999999999999999999999999999"))
+    assert plan.hard_cap == 5
+    assert Plan(7, hard_cap_multiplier=Decimal("1.5")).hard_cap == 10
+    # A multiplier set in SQL beyond reason: a cap the gate can still send to Redis.
+    huge = Plan(1000, soft_limit_enabled=True, hard_cap_multiplier=Decimal("1E+5000"))
+    assert huge.hard_cap == MAX_HARD_CAP and events_to_take(0, 3, huge) == 3
