@@ -41,6 +41,17 @@ def _multiplier(raw: str) -> Decimal:
     return value
 
 
+MAX_TOKEN_TTL_S = 31 * 24 * 3600
+
+
+def _token_ttl(raw: str) -> int:
+    """A token's lifetime: a dispute-export credential that never expires is not one to print."""
+    value = positive_int(raw)
+    if value > MAX_TOKEN_TTL_S:
+        raise argparse.ArgumentTypeError(f"must be at most {MAX_TOKEN_TTL_S} (31 days)")
+    return value
+
+
 def _non_empty(raw: str) -> str:
     value = raw.strip()
     if not value:
@@ -191,5 +202,5 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
 
     p = sub.add_parser("token", help="print a signed JWT for a user (needs AUTH_JWT_SECRET)")
     p.add_argument("--user", required=True, type=_non_empty)
-    p.add_argument("--ttl", type=positive_int, default=3600, help="lifetime in seconds")
+    p.add_argument("--ttl", type=_token_ttl, default=3600, help="lifetime in seconds (at most 31 days)")
     p.set_defaults(handler=cmd_token)

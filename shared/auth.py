@@ -84,7 +84,13 @@ def verify_token(settings: Settings, token: str | None) -> Principal:
             algorithms=["HS256"],
             audience=settings.auth_jwt_audience,
             issuer=settings.auth_jwt_issuer,
-            options={"require": ["exp", "sub"], "verify_aud": bool(settings.auth_jwt_audience)},
+            # `iat` is informational (SPEC §10 requires `sub` and `exp` only): PyJWT refuses an `iat`
+            # in the future, so a token minted on a host whose clock ran a few seconds ahead was 401.
+            options={
+                "require": ["exp", "sub"],
+                "verify_aud": bool(settings.auth_jwt_audience),
+                "verify_iat": False,
+            },
         )
     except jwt.PyJWTError as exc:
         raise AuthError(_refusal(exc)) from exc

@@ -27,6 +27,15 @@ def test_issued_token_verifies_with_subject() -> None:
     assert principal.claims["exp"] - principal.claims["iat"] == 60
 
 
+def test_a_token_minted_on_a_clock_a_little_ahead_is_accepted() -> None:
+    """`iat` a few seconds in the future (the minting host's clock ahead of the gateway's) was 401
+    "token not valid yet"; SPEC §10 requires only `sub` and `exp`."""
+    s = Settings(auth_jwt_secret=SECRET)
+    now = int(time.time())
+    ahead = jwt.encode({"sub": "a", "iat": now + 5, "exp": now + 65}, SECRET, algorithm="HS256")
+    assert verify_token(s, ahead).user_id == "a"
+
+
 @pytest.mark.parametrize("secret", [None, "", "s" * 31])
 def test_missing_or_short_secret_is_misconfigured(secret: str | None) -> None:
     s = Settings(auth_jwt_secret=secret)

@@ -7,6 +7,7 @@ import pytest
 from services.cli import main
 
 CASES = [
+    (["token", "--user", "alice", "--ttl", "3153600000000"], "--ttl: must be at most 2678400 (31 days)"),
     (
         ["plan", "set", "--site", "shop", "--monthly-limit", "5", "--hard-cap-multiplier", "1e5000"],
         "--hard-cap-multiplier: the hard cap multiplier must be a number between 1 and 1000",
