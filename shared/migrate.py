@@ -158,9 +158,33 @@ async def apply_migrations(dsn: str, directory: Path = MIGRATIONS_DIR) -> list[s
             log.info("migration_applied", migration=m.name)
             done.append(m.name)
         await conn.execute("SELECT ingest_idempotency_ensure_partitions()")
+        await revoke_public_temporary(conn)
         return done
     finally:
         await conn.close()
+
+
+# SPEC §7 (no DDL for the fleet or the tenants): a new database grants TEMPORARY to PUBLIC. Revoked on
+# every run, because a database's own privileges are not copied by CREATE DATABASE ... TEMPLATE nor
+# restored by a plain pg_dump. Only the database's owner (or a superuser) may; anyone else is warned.
+REVOKE_PUBLIC_TEMPORARY = """
+DO $$
+BEGIN
+    IF pg_has_role(current_user,
+                   (SELECT datdba FROM pg_database WHERE datname = current_database()), 'MEMBER') THEN
+        EXECUTE format('REVOKE TEMPORARY ON DATABASE %I FROM PUBLIC', current_database());
+    ELSE
+        RAISE WARNING 'not the owner of database %: run REVOKE TEMPORARY ON DATABASE % FROM PUBLIC',
+            current_database(), current_database();
+    END IF;
+END
+$$
+"""
+
+
+async def revoke_public_temporary(conn: asyncpg.Connection) -> None:
+    """No temporary tables or functions for PUBLIC on this database (its owner keeps the right)."""
+    await conn.execute(REVOKE_PUBLIC_TEMPORARY)
 
 
 async def migrate(dsn: str, directory: Path = MIGRATIONS_DIR) -> list[str]:

@@ -19,7 +19,7 @@ import redis.asyncio as aioredis
 
 from shared.amqp import DEAD_LETTER_QUEUE, FREEZER_QUEUE, INGEST_QUEUE, RECONCILER_QUEUE, declare_topology
 from shared.db import connect
-from shared.migrate import apply_migrations, create_database_if_missing
+from shared.migrate import apply_migrations, create_database_if_missing, revoke_public_temporary
 from shared.settings import Settings
 
 PG_HOST = os.environ.get("TEST_PG_HOST", "127.0.0.1")
@@ -73,6 +73,13 @@ async def database_url(template_database: str) -> AsyncIterator[str]:
         await admin.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template_database}"')
     finally:
         await admin.close()
+    # A clone does not inherit the template's database privileges: as `revkernel migrate` does on
+    # every run, take TEMPORARY from PUBLIC.
+    clone = await asyncpg.connect(pg_dsn(name))
+    try:
+        await revoke_public_temporary(clone)
+    finally:
+        await clone.close()
     yield pg_dsn(name)
     admin = await asyncpg.connect(PG_ADMIN_DSN)
     try:

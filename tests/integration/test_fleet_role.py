@@ -23,6 +23,7 @@ OWNER_ONLY = [
     "CREATE TABLE fleet_scratch (id int)",
     "UPDATE invoice_snapshot SET event_count = event_count",
     "DROP TABLE ingest_idempotency_default",
+    "CREATE TEMP TABLE fleet_scratch (id int)",  # PUBLIC held TEMPORARY (migration 0026)
 ]
 
 

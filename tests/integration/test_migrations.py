@@ -148,3 +148,26 @@ async def test_a_database_ahead_of_the_code_is_refused(database_url: str, migrat
     await apply_migrations(database_url, migrations_copy)
     with pytest.raises(MigrationError, match=r"migrations this code does not know: \['0999'\]"):
         await apply_migrations(database_url, MIGRATIONS_DIR)
+
+
+async def test_migrate_takes_temporary_from_public_on_every_run(new_database_url: str) -> None:
+    """SPEC §7: the service and tenant roles create nothing, temporary tables included. A new database
+    grants TEMPORARY to PUBLIC, and a clone or a restore brings that grant back: every run revokes it."""
+    await migrate(new_database_url)
+    conn = await asyncpg.connect(new_database_url)
+    try:
+        for role in ("revkernel_service", "revkernel_tenant"):
+            temporary = "SELECT has_database_privilege($1, current_database(), 'TEMP')"
+            assert not await conn.fetchval(temporary, role)
+        name = new_database_url.rsplit("/", 1)[1]
+        await conn.execute(f'GRANT TEMPORARY ON DATABASE "{name}" TO PUBLIC')  # as a restore would
+    finally:
+        await conn.close()
+    assert await migrate(new_database_url) == []
+    conn = await asyncpg.connect(new_database_url)
+    try:
+        assert not await conn.fetchval(
+            "SELECT has_database_privilege('revkernel_service', current_database(), 'TEMP')"
+        )
+    finally:
+        await conn.close()

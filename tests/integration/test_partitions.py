@@ -236,3 +236,13 @@ async def test_malformed_year_month_is_refused_everywhere(db: asyncpg.Connection
             accepted.append((statement.split("(")[0], bad_month))
         await db.execute(statement, site_id, "2026-12")
     assert accepted == []
+
+
+async def test_a_temporary_table_named_like_a_partition_does_not_stand_in_for_it(
+    db: asyncpg.Connection,
+) -> None:
+    """ensure_partitions found a session's temporary table by the partition's name and skipped the
+    month (its rows would have gone to DEFAULT); it looks in `public` only (migration 0026)."""
+    await db.execute("CREATE TEMP TABLE ingest_idempotency_p2031_07 (x int)")
+    assert await db.fetchval("SELECT ingest_idempotency_ensure_partitions('2031-07-01'::date, 1)") == 1
+    assert await db.fetchval("SELECT to_regclass('public.ingest_idempotency_p2031_07') IS NOT NULL")
