@@ -36,29 +36,29 @@ def reconnect_delays(first_s: float = 0.2, cap_s: float = 5.0) -> Iterator[float
 async def connect_robust(url: str, *, timeout: float = 5) -> AbstractRobustConnection:
     """A reconnecting connection (channels and declarations are restored after a broker restart).
 
-    The connection object is made first, so a first connect that fails or is cancelled closes it:
     aio-pika's reconnection task outlives a cancelled `aio_pika.connect_robust` (it logs "cancelled,
-    reconnecting" and retries forever), which kept a process that stopped during start-up alive.
+    reconnecting" and retries forever), which kept a process that stopped during start-up alive; so
+    the connection object is made first and closed if its first connect fails or is cancelled.
     """
     connection = aio_pika.RobustConnection(make_url(url))
-    try:
-        await connection.connect(timeout=timeout)
-    except BaseException:
-        await asyncio.shield(connection.close())
-        raise
+    await _first_connect(connection, timeout)
     return connection
 
 
 async def connect_once(url: str, *, timeout: float = 5) -> AbstractConnection:
-    """A plain connection (no reconnect), closed again if its connect fails or is cancelled midway, so
-    no socket outlives a process stopping during start-up."""
+    """A plain connection (no reconnect), closed if its connect fails or is cancelled midway, so no
+    socket outlives a process stopping during start-up."""
     connection = aio_pika.Connection(make_url(url))
+    await _first_connect(connection, timeout)
+    return connection
+
+
+async def _first_connect(connection: aio_pika.Connection, timeout: float) -> None:
     try:
         await connection.connect(timeout=timeout)
     except BaseException:
         await asyncio.shield(connection.close())
         raise
-    return connection
 
 
 async def declare_topology(channel: AbstractChannel) -> None:

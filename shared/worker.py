@@ -40,11 +40,8 @@ from shared.settings import Settings
 
 log = get_logger("worker")
 
-# Errors of an unreachable dependency: a schedule iteration that meets one logs it and tries again at
-# its next tick (the process stays up and reports not-ready); anything else is a bug and stops it.
-TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
-    OSError,
-    TimeoutError,
+# Postgres errors that a later attempt may not meet (the server back, the lock free, the conflict gone).
+_POSTGRES_TRANSIENT: tuple[type[BaseException], ...] = (
     asyncpg.PostgresConnectionError,
     asyncpg.InterfaceError,
     asyncpg.CannotConnectNowError,
@@ -52,6 +49,14 @@ TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.exceptions.LockNotAvailableError,
     asyncpg.exceptions.DeadlockDetectedError,
     asyncpg.exceptions.SerializationError,
+)
+
+# Errors of an unreachable dependency: a schedule iteration that meets one logs it and tries again at
+# its next tick (the process stays up and reports not-ready); anything else is a bug and stops it.
+TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
+    OSError,
+    TimeoutError,
+    *_POSTGRES_TRANSIENT,
     aioredis.RedisError,
     aio_pika.exceptions.AMQPError,
 )
@@ -62,13 +67,7 @@ TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
 DEPENDENCY_DOWN_ERRORS: tuple[type[BaseException], ...] = (
     ConnectionError,
     TimeoutError,
-    asyncpg.PostgresConnectionError,
-    asyncpg.InterfaceError,
-    asyncpg.CannotConnectNowError,
-    asyncpg.TooManyConnectionsError,
-    asyncpg.exceptions.LockNotAvailableError,
-    asyncpg.exceptions.DeadlockDetectedError,
-    asyncpg.exceptions.SerializationError,
+    *_POSTGRES_TRANSIENT,
     aioredis.ConnectionError,
     aioredis.TimeoutError,
     aio_pika.exceptions.AMQPConnectionError,

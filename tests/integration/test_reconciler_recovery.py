@@ -24,7 +24,7 @@ from shared.publisher import EventPublisher
 from shared.settings import Settings
 from tests.conftest import AMQP_HOST, AMQP_PORT, REPO_ROOT, free_port, settings_env
 from tests.integration.reconciler_support import create_site, poll
-from tests.support.gateway import gateway_client, wait_for_amqp
+from tests.support.gateway import gateway_via_broker_proxy
 from tests.support.proxy import TcpProxy
 
 BUFFER_ROW = """
@@ -251,18 +251,10 @@ async def test_a_degraded_event_with_its_own_events_field_is_republished_as_itse
     site = await create_site(db, public_id="nest-site")
     forged = {"site_id": str(uuid.uuid4()), "idempotency_key": "forged-key", "url": "https://evil.test/"}
     sent = {"s": "nest-site", "url": "https://example.test/real", "events": [forged]}
-    proxy = await TcpProxy(AMQP_HOST, AMQP_PORT).start()
-    vhost = settings.amqp_url.rsplit("/", 1)[1]
-    try:
-        async with gateway_client(
-            settings.with_overrides(amqp_url=f"amqp://guest:guest@127.0.0.1:{proxy.port}/{vhost}")
-        ) as client:
-            await wait_for_amqp(client)
-            await proxy.cut()
-            response = await client.post("/api/sync", data=orjson.dumps({"events": [sent]}))
-            answer = await response.json()
-    finally:
-        await proxy.close()
+    async with gateway_via_broker_proxy(settings) as (client, broker):
+        await broker.cut()
+        response = await client.post("/api/sync", data=orjson.dumps({"events": [sent]}))
+        answer = await response.json()
     assert answer["results"][0]["status"] == "degraded"
 
     publisher = EventPublisher(settings.amqp_url, timeout_ms=2000)

@@ -3,6 +3,8 @@ reached `ingest.events`."""
 
 from __future__ import annotations
 
+import asyncio
+import time
 import uuid
 from datetime import UTC, datetime
 from typing import Any
@@ -20,6 +22,7 @@ from tests.integration.conftest import MakeSite
 from tests.support.gateway import (
     drain_queue,
     gateway_client,
+    gateway_via_broker_proxy,
     published_events,
     raw_request,
     wait_for_amqp,
@@ -27,6 +30,7 @@ from tests.support.gateway import (
 from tests.support.proxy import TcpProxy
 
 Client = TestClient[Any, Any]
+V1_BUCKET_S = 5  # SPEC §4: v1 keys take the server time floored to 5 s
 
 
 def event(site: str = "site-a", url: str | None = None, **extra: Any) -> dict[str, Any]:
@@ -43,6 +47,15 @@ async def post(client: Client, body: Any, **headers: str) -> tuple[int, dict[str
 
 async def rows(db: asyncpg.Connection) -> list[asyncpg.Record]:
     return await db.fetch("SELECT * FROM ingest_idempotency ORDER BY id")
+
+
+async def early_in_a_key_bucket(margin_s: float = 2.0) -> None:
+    """Until `margin_s` or more remain of the current 5 s v1 key bucket, so that two posts of one event
+    made now share a key (else one crossing the bucket's end is a new event, and a test of `duplicate`
+    fails one run in a few hundred)."""
+    remaining = V1_BUCKET_S - time.time() % V1_BUCKET_S
+    if remaining < margin_s:
+        await asyncio.sleep(remaining + 0.01)
 
 
 def assert_build_headers(headers: Any) -> None:
@@ -103,6 +116,7 @@ async def test_duplicate_is_not_published_or_counted(
 ) -> None:
     site = await make_site(monthly_limit=10)
     sent = event(ec="c", ea="e")
+    await early_in_a_key_bucket()
     first = await post(gateway, sent)
     status, body, headers = await post(gateway, sent)
 
@@ -196,17 +210,9 @@ async def test_degraded_capture_when_broker_unreachable(
     settings: Settings, db: asyncpg.Connection, make_site: MakeSite, amqp_url: str
 ) -> None:
     await make_site(monthly_limit=10)
-    proxy = await TcpProxy("127.0.0.1", 5672).start()
-    vhost = amqp_url.rsplit("/", 1)[1]
-    try:
-        async with gateway_client(
-            settings.with_overrides(amqp_url=f"amqp://guest:guest@127.0.0.1:{proxy.port}/{vhost}")
-        ) as client:
-            await wait_for_amqp(client)
-            await proxy.cut()
-            status, body, headers = await post(client, event())
-    finally:
-        await proxy.close()
+    async with gateway_via_broker_proxy(settings) as (client, broker):
+        await broker.cut()
+        status, body, headers = await post(client, event())
 
     assert status == 200 and body["status"] == "degraded" and body["ingest_id"]
     assert headers["x-opsmantik-degraded"] == "broker_publish_failed"
@@ -247,17 +253,9 @@ async def test_a_degraded_batch_says_so_in_its_headers(
 ) -> None:
     """SPEC §3's degraded row holds for a batch too: it lacked `x-opsmantik-degraded`."""
     await make_site(monthly_limit=10)
-    proxy = await TcpProxy("127.0.0.1", 5672).start()
-    vhost = amqp_url.rsplit("/", 1)[1]
-    try:
-        async with gateway_client(
-            settings.with_overrides(amqp_url=f"amqp://guest:guest@127.0.0.1:{proxy.port}/{vhost}")
-        ) as client:
-            await wait_for_amqp(client)
-            await proxy.cut()
-            status, body, headers = await post(client, {"events": [event(), event()]})
-    finally:
-        await proxy.close()
+    async with gateway_via_broker_proxy(settings) as (client, broker):
+        await broker.cut()
+        status, body, headers = await post(client, {"events": [event(), event()]})
     assert status == 200 and [r["status"] for r in body["results"]] == ["degraded", "degraded"]
     assert headers["x-opsmantik-degraded"] == "broker_publish_failed"
     assert headers["x-opsmantik-fallback"] == "true"
@@ -461,6 +459,7 @@ async def test_a_page_may_read_the_answers_of_its_allowed_origin(
     await make_site(origins=["https://shop.example"], rate_limit_per_minute=2)
     shop = {"Origin": "https://shop.example"}
     same = event()
+    await early_in_a_key_bucket()
     answers = [await post(gateway, same, **shop) for _ in range(2)]
     answers.append(await post(gateway, event(), **shop))  # the third event of the minute: rate limited
     answers.append(await post(gateway, b"{", **shop))  # bad input: the page may read why
@@ -575,8 +574,6 @@ async def test_overage_captured_degraded_still_counts_as_overage(
 async def test_nul_characters_are_bad_input_and_never_fail_other_requests(
     gateway: Client, db: asyncpg.Connection, make_site: MakeSite, amqp_url: str
 ) -> None:
-    import asyncio
-
     await make_site()
     poisoned = [
         {"s": "site-a", "url": "https://x", "ec": "a\u0000b"},
@@ -601,8 +598,6 @@ async def test_an_event_nested_too_deep_is_bad_input_and_never_fails_other_reque
 ) -> None:
     """600 bytes of nested arrays once passed the shape gate, then failed when its message was built:
     500 for every request of its capture group, and their quota reservations were never given back."""
-    import asyncio
-
     site = await make_site(monthly_limit=100)
     deep = b'{"s":"site-a","url":"https://x","x":' + b"[" * 300 + b"]" * 300 + b"}"
     good = [event() for _ in range(20)]
@@ -624,8 +619,6 @@ async def test_a_request_that_fails_its_capture_for_any_reason_never_fails_its_g
 ) -> None:
     """Defence in depth behind the shape gate: when building one request's message fails in a way no
     check foresaw, its group is retried request by request and its reservations are given back."""
-    import asyncio
-
     from shared.ingest import IngestPipeline
 
     site = await make_site(monthly_limit=100)
@@ -654,8 +647,6 @@ async def test_repeats_of_an_uncaptured_event_are_never_answered_duplicate(
 ) -> None:
     """Concurrent copies of one event share a capture group; when broker and buffer both fail the first
     copy's row is removed, so the copies must fail too (503), not claim a capture as `duplicate`."""
-    import asyncio
-
     await make_site()
     await db.execute(
         """CREATE FUNCTION refuse_buffer() RETURNS trigger LANGUAGE plpgsql AS

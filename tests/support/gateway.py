@@ -11,6 +11,7 @@ import sys
 import time
 from collections.abc import AsyncIterator
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import aio_pika
 import orjson
@@ -20,6 +21,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from services.gateway.app import build_app
 from shared.amqp import INGEST_QUEUE
 from shared.settings import Settings
+from tests.support.proxy import TcpProxy
 
 
 @contextlib.asynccontextmanager
@@ -33,6 +35,23 @@ async def gateway_client(settings: Settings) -> AsyncIterator[TestClient[Any, An
         yield client
     finally:
         await client.close()
+
+
+@contextlib.asynccontextmanager
+async def gateway_via_broker_proxy(
+    settings: Settings,
+) -> AsyncIterator[tuple[TestClient[Any, Any], TcpProxy]]:
+    """The gateway app with its broker reached through a TcpProxy the test can cut; connected when
+    yielded. The proxy is closed afterwards."""
+    broker = urlsplit(settings.amqp_url)
+    proxy = await TcpProxy(broker.hostname or "127.0.0.1", broker.port or 5672).start()
+    proxied = broker._replace(netloc=f"{broker.username}:{broker.password}@127.0.0.1:{proxy.port}")
+    try:
+        async with gateway_client(settings.with_overrides(amqp_url=urlunsplit(proxied))) as client:
+            await wait_for_amqp(client)
+            yield client, proxy
+    finally:
+        await proxy.close()
 
 
 async def raw_request(
