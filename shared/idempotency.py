@@ -73,8 +73,9 @@ def client_clock_ms(ts: Any, server_ms: int) -> int | None:
         return None
     scaled = ts * 1000 if ts < SECONDS_THRESHOLD else ts
     # Not finite (also a float whose ms overflow to -inf, e.g. -1e306 seconds): unusable, like any
-    # other `ts` outside the window.
-    if not math.isfinite(scaled):
+    # other `ts` outside the window. (An int is always finite; `math.isfinite` would raise on one
+    # beyond a float's range.)
+    if isinstance(scaled, float) and not math.isfinite(scaled):
         return None
     ms = math.floor(scaled)
     return ms if abs(ms - server_ms) <= CLIENT_CLOCK_WINDOW_MS else None

@@ -63,8 +63,9 @@ def test_v2_any_numeric_ts_gives_a_key(ts: float) -> None:
     for ea in ("heartbeat", "page_view"):
         event = {"s": "p", "url": "https://x", "ea": ea, "ts": ts}
         assert compute_key(SITE, event, SERVER_MS, 2).t_ms > 0
-    far = {"s": "p", "url": "https://x", "ea": "heartbeat", "ts": -1.5e306}
-    assert compute_key(SITE, far, SERVER_MS, 2).t_ms == SERVER_MS // 10_000 * 10_000
+    for far_ts in (-1.5e306, 10**400, -(10**400)):
+        far = {"s": "p", "url": "https://x", "ea": "heartbeat", "ts": far_ts}
+        assert compute_key(SITE, far, SERVER_MS, 2).t_ms == SERVER_MS // 10_000 * 10_000
 
 
 def test_v2_page_view_uses_client_ms_and_2s_bucket() -> None:
