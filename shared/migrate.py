@@ -167,24 +167,17 @@ async def apply_migrations(dsn: str, directory: Path = MIGRATIONS_DIR) -> list[s
 # SPEC §7 (no DDL for the fleet or the tenants): a new database grants TEMPORARY to PUBLIC. Revoked on
 # every run, because a database's own privileges are not copied by CREATE DATABASE ... TEMPLATE nor
 # restored by a plain pg_dump. Only the database's owner (or a superuser) may; anyone else is warned.
-REVOKE_PUBLIC_TEMPORARY = """
-DO $$
-BEGIN
-    IF pg_has_role(current_user,
-                   (SELECT datdba FROM pg_database WHERE datname = current_database()), 'MEMBER') THEN
-        EXECUTE format('REVOKE TEMPORARY ON DATABASE %I FROM PUBLIC', current_database());
-    ELSE
-        RAISE WARNING 'not the owner of database %: run REVOKE TEMPORARY ON DATABASE % FROM PUBLIC',
-            current_database(), current_database();
-    END IF;
-END
-$$
-"""
-
-
 async def revoke_public_temporary(conn: asyncpg.Connection) -> None:
     """No temporary tables or functions for PUBLIC on this database (its owner keeps the right)."""
-    await conn.execute(REVOKE_PUBLIC_TEMPORARY)
+    database = await conn.fetchval("SELECT current_database()")
+    owns = await conn.fetchval(
+        "SELECT pg_has_role(current_user, datdba, 'MEMBER') FROM pg_database WHERE datname = $1", database
+    )
+    statement = f'REVOKE TEMPORARY ON DATABASE "{database.replace(chr(34), chr(34) * 2)}" FROM PUBLIC'
+    if owns:
+        await conn.execute(statement)
+    else:
+        log.warning("migrate_cannot_revoke_temporary", database=database, run_as_owner=statement)
 
 
 async def migrate(dsn: str, directory: Path = MIGRATIONS_DIR) -> list[str]:

@@ -52,7 +52,12 @@ class Plan:
         """H = floor(N × multiplier) (SPEC §5), exactly (a Decimal product rounds at 28 digits, so
         3 × 1.99999999999999999999999999999 gave 6, not 5), at most `MAX_HARD_CAP` (a multiplier
         set in SQL to 1E+5000 made a cap Redis could not be sent)."""
-        numerator, denominator = self.hard_cap_multiplier.as_integer_ratio()
+        multiplier = self.hard_cap_multiplier
+        if multiplier.is_nan():
+            return self.monthly_limit  # a plan row Postgres let through ('NaN' >= 1): no overage
+        if multiplier.is_infinite():
+            return MAX_HARD_CAP
+        numerator, denominator = multiplier.as_integer_ratio()
         return min(self.monthly_limit * numerator // denominator, MAX_HARD_CAP)
 
 
@@ -70,10 +75,11 @@ class Site:
         object.__setattr__(self, "origin_keys", frozenset(origin_key(o) for o in self.allowed_origins))
 
     def allows_origin(self, origin: str | None) -> bool:
-        """No Origin = server-side sender; `*` allows any origin; compared as `origin_key`s."""
+        """No Origin = server-side sender; an entry that is exactly `*` allows any origin (not `*/` or
+        ` * `: a typo must not open the site); others compare as `origin_key`s."""
         if origin is None:
             return True
-        return "*" in self.origin_keys or origin_key(origin) in self.origin_keys
+        return "*" in self.allowed_origins or origin_key(origin) in self.origin_keys
 
     def as_dict(self) -> dict[str, Any]:
         return {

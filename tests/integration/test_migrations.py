@@ -11,8 +11,16 @@ from pathlib import Path
 
 import asyncpg
 import pytest
+from structlog.testing import capture_logs
 
-from shared.migrate import MIGRATIONS_DIR, MigrationError, apply_migrations, load_migrations, migrate
+from shared.migrate import (
+    MIGRATIONS_DIR,
+    MigrationError,
+    apply_migrations,
+    load_migrations,
+    migrate,
+    revoke_public_temporary,
+)
 from tests.conftest import PG_ADMIN_DSN, pg_dsn
 
 ALL_FILES = [m.name for m in load_migrations()]
@@ -171,3 +179,24 @@ async def test_migrate_takes_temporary_from_public_on_every_run(new_database_url
         )
     finally:
         await conn.close()
+
+
+async def test_a_migrating_user_that_does_not_own_the_database_is_told_what_to_run(
+    database_url: str, db: asyncpg.Connection
+) -> None:
+    role = f"rk_not_owner_{uuid.uuid4().hex[:8]}"
+    await db.execute(f'CREATE ROLE "{role}" LOGIN')
+    name = database_url.rsplit("/", 1)[1]
+    await db.execute(f'GRANT TEMPORARY ON DATABASE "{name}" TO PUBLIC')
+    try:
+        conn = await asyncpg.connect(database_url.replace("postgres@", f"{role}@"))
+        try:
+            with capture_logs() as logs:
+                await revoke_public_temporary(conn)
+        finally:
+            await conn.close()
+        [warning] = [line for line in logs if line["event"] == "migrate_cannot_revoke_temporary"]
+        assert warning["log_level"] == "warning" and "REVOKE TEMPORARY" in warning["run_as_owner"]
+        assert await db.fetchval("SELECT has_database_privilege('revkernel_service', $1, 'TEMP')", name)
+    finally:
+        await db.execute(f'DROP ROLE "{role}"')

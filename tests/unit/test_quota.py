@@ -91,3 +91,6 @@ def test_hard_cap_is_the_exact_floor_and_bounded() -> None:
     # A multiplier set in SQL beyond reason: a cap the gate can still send to Redis.
     huge = Plan(1000, soft_limit_enabled=True, hard_cap_multiplier=Decimal("1E+5000"))
     assert huge.hard_cap == MAX_HARD_CAP and events_to_take(0, 3, huge) == 3
+    # Postgres numeric takes 'Infinity' and 'NaN', and both pass CHECK (>= 1); both raised here.
+    assert Plan(10, soft_limit_enabled=True, hard_cap_multiplier=Decimal("Infinity")).hard_cap == MAX_HARD_CAP
+    assert Plan(10, soft_limit_enabled=True, hard_cap_multiplier=Decimal("NaN")).hard_cap == 10

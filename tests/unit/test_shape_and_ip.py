@@ -1,4 +1,5 @@
 import ipaddress
+import uuid
 
 import orjson
 import pytest
@@ -15,6 +16,7 @@ from shared.events import (
     parse_sync_body,
 )
 from shared.rate_limit import LocalRateLimiter, RateLimitAsk, client_ip, retry_after_seconds
+from shared.sites import Plan, Site
 
 
 @pytest.mark.parametrize(
@@ -134,3 +136,16 @@ def test_header_text_is_always_json_encodable() -> None:
     assert header_text("a\x00b") == "a\ufffdb"
     for value in ("caf\udce9", "Mozilla\udcff\udcfe/5.0", "\u00e9\x00"):
         orjson.dumps(header_text(value))
+
+
+def test_origin_allow_list() -> None:
+    def site(*origins: str) -> Site:
+        return Site(uuid.uuid4(), "p", "n", tuple(origins), None, Plan(monthly_limit=1))
+
+    assert site("https://Shop.Example:443/").allows_origin("https://shop.example")
+    assert not site("https://shop.example").allows_origin("https://shop.example:8443")
+    assert not site("https://shop.example").allows_origin("http://shop.example")
+    assert site("*").allows_origin("https://any.example") and site().allows_origin(None)
+    # Only an entry that is exactly `*` opens the site: a typo must not.
+    assert not site("*/").allows_origin("https://evil.example")
+    assert not site(" * ").allows_origin("null")
