@@ -45,6 +45,7 @@ class RateLimitVerdict:
     allowed: bool
     retry_after_s: int
     local: bool  # decided by the in-process limiter because Redis was unreachable
+    ask: RateLimitAsk | None = None  # what was counted (for `RateLimiter.give_back`)
 
 
 def retry_after_seconds(now_ms: int) -> int:
@@ -114,6 +115,11 @@ class LocalRateLimiter:
         self._windows[key] = used + ask.units
         return True
 
+    def give_back(self, ask: RateLimitAsk) -> None:
+        key = (ask.site_id, ask.client_ip, ask.window)
+        if key in self._windows:
+            self._windows[key] = max(0, self._windows[key] - ask.units)
+
 
 class RateLimiter:
     """Checks of concurrent requests share one Redis script call."""
@@ -141,6 +147,23 @@ class RateLimiter:
         ask = RateLimitAsk(site_id, ip, units, limit, int(time.time() * 1000))
         return await self._batcher.submit(ask)
 
+    async def give_back(self, verdict: RateLimitVerdict) -> None:
+        """Return an admitted request's units: it was answered 500 `billing_gate_closed`, which must
+        touch no counter (SPEC §1.6), so the client's retry is not refused for a request never served.
+        Best effort: a Redis failure here only leaves the window as it was."""
+        ask = verdict.ask
+        if not verdict.allowed or ask is None:
+            return
+        if verdict.local:
+            self._local.give_back(ask)
+            return
+        key = f"rl:{ask.site_id}:{ask.client_ip}:{ask.window}"
+        try:
+            # The quota's give-back script: DECRBY on keys that still exist.
+            await self._scripts.run(self._scripts.release_quota, [key], [ask.units])
+        except REDIS_ERRORS as exc:
+            log.warning("rate_limit_give_back_failed", error=str(exc) or type(exc).__name__)
+
     async def _check_many(self, asks: list[RateLimitAsk]) -> list[RateLimitVerdict]:
         if time.monotonic() >= self._redis_down_until:
             keys = [f"rl:{a.site_id}:{a.client_ip}:{a.window}" for a in asks]
@@ -154,9 +177,10 @@ class RateLimiter:
                 log.warning("rate_limit_redis_unavailable", error=str(exc) or type(exc).__name__)
             else:
                 return [
-                    RateLimitVerdict(bool(ok), retry_after_seconds(a.now_ms), local=False)
+                    RateLimitVerdict(bool(ok), retry_after_seconds(a.now_ms), local=False, ask=a)
                     for a, ok in zip(asks, admitted, strict=True)
                 ]
         return [
-            RateLimitVerdict(self._local.admit(a), retry_after_seconds(a.now_ms), local=True) for a in asks
+            RateLimitVerdict(self._local.admit(a), retry_after_seconds(a.now_ms), local=True, ask=a)
+            for a in asks
         ]

@@ -146,6 +146,7 @@ async def _gates(request: web.Request) -> web.Response:
         try:
             result = await gate.pipeline.capture(capture)
         except GateClosed as exc:
+            await gate.rate_limiter.give_back(verdict)
             return _gate_closed(request, exc)
         _count(gate.context, result)
     if body.is_batch:

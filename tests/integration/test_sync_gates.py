@@ -310,6 +310,9 @@ async def test_postgres_unreachable_closes_the_gate(
     assert await db.fetchval("SELECT count(*) FROM ingest_fallback_buffer") == 0
     month = datetime.now(UTC).strftime("%Y-%m")
     assert await redis_client.get(f"usage:{site.id}:{month}") == "1"
+    # Nor the rate-limit window: the unit the refused request took is given back.
+    windows = [int(await redis_client.get(key)) async for key in redis_client.scan_iter(f"rl:{site.id}:*")]
+    assert sum(windows) == 1
 
 
 async def test_broker_and_buffer_both_failing_is_503_with_no_row(

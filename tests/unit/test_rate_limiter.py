@@ -8,7 +8,7 @@ import uuid
 from collections.abc import Sequence
 from typing import Any, cast
 
-from shared.rate_limit import OVERLAP_AFTER_S, RateLimiter
+from shared.rate_limit import OVERLAP_AFTER_S, LocalRateLimiter, RateLimitAsk, RateLimiter
 from shared.redis_scripts import GateScripts
 
 SITE = uuid.UUID(int=7)
@@ -60,3 +60,13 @@ async def test_without_the_overlap_rule_a_second_call_starts_at_once() -> None:
 def test_the_gate_uses_the_overlap_rule_by_default() -> None:
     limiter = RateLimiter(cast(GateScripts, HeldScripts()))
     assert limiter._batcher._overlap_after_s == OVERLAP_AFTER_S  # noqa: SLF001 - the wiring under test
+
+
+def test_local_limiter_gives_back_the_units_of_a_request_not_served() -> None:
+    limiter = LocalRateLimiter()
+    site = uuid.uuid4()
+    ask = RateLimitAsk(site, "203.0.113.9", 2, 3, 1_764_000_000_000)
+    assert limiter.admit(ask)
+    assert not limiter.admit(ask)  # 2 + 2 > 3
+    limiter.give_back(ask)
+    assert limiter.admit(ask)
