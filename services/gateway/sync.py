@@ -148,6 +148,9 @@ async def _gates(request: web.Request) -> web.Response:
         except GateClosed as exc:
             await gate.rate_limiter.give_back(verdict)
             return _gate_closed(request, exc)
+        if any(r.status is EventStatus.CAPTURE_FAILED for r in result.events):
+            # Answered 503 with nothing captured (SPEC §1.5): its retry is processed afresh, units too.
+            await gate.rate_limiter.give_back(verdict)
         _count(gate.context, result)
     if body.is_batch:
         return _batch_response(body, capture, result)

@@ -49,6 +49,11 @@ async def rows(db: asyncpg.Connection) -> list[asyncpg.Record]:
     return await db.fetch("SELECT * FROM ingest_idempotency ORDER BY id")
 
 
+async def rate_limit_used(redis_client: Any, site_id: uuid.UUID) -> int:
+    """Units the site's rate-limit windows hold in Redis, all clients together."""
+    return sum([int(await redis_client.get(key)) async for key in redis_client.scan_iter(f"rl:{site_id}:*")])
+
+
 async def early_in_a_key_bucket(margin_s: float = 2.0) -> None:
     """Until `margin_s` or more remain of the current 5 s v1 key bucket, so that two posts of one event
     made now share a key (else one crossing the bucket's end is a new event, and a test of `duplicate`
@@ -311,8 +316,7 @@ async def test_postgres_unreachable_closes_the_gate(
     month = datetime.now(UTC).strftime("%Y-%m")
     assert await redis_client.get(f"usage:{site.id}:{month}") == "1"
     # Nor the rate-limit window: the unit the refused request took is given back.
-    windows = [int(await redis_client.get(key)) async for key in redis_client.scan_iter(f"rl:{site.id}:*")]
-    assert sum(windows) == 1
+    assert await rate_limit_used(redis_client, site.id) == 1
 
 
 async def test_broker_and_buffer_both_failing_is_503_with_no_row(
@@ -343,6 +347,7 @@ async def test_broker_and_buffer_both_failing_is_503_with_no_row(
             assert len(await rows(db)) == 1
             month = datetime.now(UTC).strftime("%Y-%m")
             assert await redis_client.get(f"usage:{site.id}:{month}") == "1"  # reservation released
+            assert await rate_limit_used(redis_client, site.id) == 1  # and its rate-limit unit given back
 
             # the retry is processed afresh, not taken for a duplicate
             await db.execute("DROP TRIGGER refuse_buffer ON ingest_fallback_buffer")
