@@ -113,6 +113,11 @@ class CaptureResult:
     events: list[EventResult]
     quota_from_postgres: bool
 
+    @property
+    def uncaptured(self) -> bool:
+        """Nothing of the request was captured (503): a request fails whole, never event by event."""
+        return bool(self.events) and self.events[0].status is EventStatus.CAPTURE_FAILED
+
 
 class _Reseeded(Exception):
     """Redis counters were (re)seeded from Postgres: run the group again."""

@@ -148,7 +148,7 @@ async def _gates(request: web.Request) -> web.Response:
         except GateClosed as exc:
             await gate.rate_limiter.give_back(verdict)
             return _gate_closed(request, exc)
-        if any(r.status is EventStatus.CAPTURE_FAILED for r in result.events):
+        if result.uncaptured:
             # Answered 503 with nothing captured (SPEC §1.5): its retry is processed afresh, units too.
             await gate.rate_limiter.give_back(verdict)
         _count(gate.context, result)
