@@ -10,6 +10,7 @@ import sys
 import uuid
 from collections.abc import AsyncIterator
 from decimal import Decimal
+from typing import Any
 
 import aiohttp
 import asyncpg
@@ -382,20 +383,55 @@ async def test_shutdown_hands_claimed_jobs_back(
     assert sorted(r["status"] for r in statuses) == ["QUEUED", "QUEUED"]
 
 
-async def test_reconcile_cli_prints_counts(db: asyncpg.Connection, settings: Settings) -> None:
-    site = await create_site(db, public_id=f"cli-{uuid.uuid4().hex[:6]}")
-    await add_rows(db, site, CURRENT, 3)
+def revkernel_json(settings: Settings, *args: str) -> Any:
+    """Run `revkernel ARGS` and return what it printed (JSON)."""
     out = subprocess.run(
-        [sys.executable, "-m", "services.cli", "reconcile", "--site", str(site), "--month", CURRENT],
+        [sys.executable, "-m", "services.cli", *args],
         env=settings_env(settings),
         cwd=REPO_ROOT,
         capture_output=True,
         timeout=60,
         check=True,
     )
-    body = orjson.loads(out.stdout)
+    return orjson.loads(out.stdout)
+
+
+async def test_reconcile_cli_prints_counts(db: asyncpg.Connection, settings: Settings) -> None:
+    public_id = f"cli-{uuid.uuid4().hex[:6]}"
+    site = await create_site(db, public_id=public_id)
+    await add_rows(db, site, CURRENT, 3)
+    body = revkernel_json(settings, "reconcile", "--site", public_id, "--month", CURRENT)
     assert body["ok"] is True and body["sites"] == 1
     assert body["results"][0]["event_count"] == 3
+    usage = await db.fetchrow(
+        "SELECT event_count, overage_count FROM site_usage_monthly WHERE site_id = $1 AND year_month = $2",
+        site,
+        CURRENT,
+    )
+    assert (usage["event_count"], usage["overage_count"]) == (3, 0)
+
+
+async def test_backfill_cli_enqueues_missing_jobs(db: asyncpg.Connection, settings: Settings) -> None:
+    """SPEC §13 `revkernel backfill`: the endpoint's job, from the command line; a site by public id."""
+    idle_public_id = f"idle-{uuid.uuid4().hex[:6]}"
+    active, idle = await create_site(db), await create_site(db, public_id=idle_public_id)
+    await ensure_month(db, PREVIOUS)
+    await add_rows(db, active, PREVIOUS, 2)
+
+    every_site = revkernel_json(settings, "backfill", "--from", PREVIOUS, "--to", CURRENT)
+    again = revkernel_json(settings, "backfill", "--from", PREVIOUS, "--to", CURRENT)
+    one_site = revkernel_json(
+        settings, "backfill", "--from", PREVIOUS, "--to", PREVIOUS, "--site", idle_public_id
+    )
+
+    assert (every_site["ok"], every_site["enqueued"], every_site["months"], every_site["sites"]) == (
+        True, 2, 2, 1
+    )
+    assert again["enqueued"] == 0
+    assert (one_site["enqueued"], one_site["months"], one_site["sites"]) == (1, 1, 1)
+    assert (await job(db, active, PREVIOUS))["status"] == "QUEUED"
+    assert (await job(db, idle, PREVIOUS))["status"] == "QUEUED"
+    assert await job(db, idle, CURRENT) is None
 
 
 async def test_reconciler_process_is_ready_and_exits_0_on_sigterm(settings: Settings) -> None:

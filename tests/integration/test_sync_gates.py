@@ -729,3 +729,70 @@ async def test_a_batch_repeating_an_uncaptured_event_leaves_none_of_its_rows(
     assert await rows(db) == []  # a 503 leaves no row: B's retry is processed afresh
     month = datetime.now(UTC).strftime("%Y-%m")
     assert await redis_client.get(f"usage:{site_row.id}:{month}") == "0"  # every reservation given back
+
+
+async def test_a_site_without_a_plan_row_gets_the_default_plan(
+    settings: Settings, db: asyncpg.Connection, make_site: MakeSite, amqp_url: str
+) -> None:
+    """SPEC §5: no `site_plans` row → `DEFAULT_MONTHLY_LIMIT`, soft limit off."""
+    await make_site(monthly_limit=None)
+    assert await db.fetchval("SELECT count(*) FROM site_plans") == 0
+    async with gateway_client(settings.with_overrides(default_monthly_limit=2)) as client:
+        await wait_for_amqp(client)
+        answers = [await post(client, event()) for _ in range(3)]
+    assert [(a[0], a[1]["status"]) for a in answers] == [
+        (200, "queued"), (200, "queued"), (429, "rejected_quota")
+    ]
+    assert answers[1][2]["x-opsmantik-quota-remaining"] == "0"
+    assert [r["billable"] for r in await rows(db)] == [True, True, False]
+    assert len(await drain_queue(amqp_url)) == 2
+
+
+async def test_a_site_without_its_own_rate_limit_gets_the_default(
+    settings: Settings, db: asyncpg.Connection, make_site: MakeSite, amqp_url: str
+) -> None:
+    """SPEC §3 gate 3: `RATE_LIMIT_PER_MINUTE` applies unless the site overrides it."""
+    await make_site(monthly_limit=100)
+    async with gateway_client(settings.with_overrides(rate_limit_per_minute=2)) as client:
+        await wait_for_amqp(client)
+        answers = [await post(client, event()) for _ in range(3)]
+    assert [a[0] for a in answers] == [200, 200, 429]
+    assert answers[2][1]["error"] == "rate_limited"
+    assert len(await rows(db)) == 2
+
+
+async def test_a_refused_batch_consumes_no_rate_limit_units(
+    gateway: Client, db: asyncpg.Connection, make_site: MakeSite, redis_client: Any
+) -> None:
+    """SPEC §3 batches: N units at once, all or none; a refused batch leaves the window as it was."""
+    site = await make_site(monthly_limit=100, rate_limit_per_minute=3)
+    first = await post(gateway, {"events": [event(), event()]})
+    refused = await post(gateway, {"events": [event(), event()]})
+    single = await post(gateway, event())
+    over = await post(gateway, event())
+
+    assert first[0] == 200 and first[1]["accepted"] == 2
+    assert refused[0] == 429 and refused[1]["error"] == "rate_limited"
+    assert single[0] == 200 and single[1]["status"] == "queued"  # the unit the batch did not take
+    assert over[0] == 429
+    assert await rate_limit_used(redis_client, site.id) == 3
+    assert len(await rows(db)) == 3
+
+
+async def test_an_unknown_site_is_cached_negatively_then_found(
+    settings: Settings, db: asyncpg.Connection, make_site: MakeSite, amqp_url: str
+) -> None:
+    """SPEC §3 auth: sites are cached in process, negatively too; a site created meanwhile is found
+    once the negative entry expires (`SITE_CACHE_TTL_S`, at most 5 s for an unknown id)."""
+    async with gateway_client(settings.with_overrides(site_cache_ttl_s=2.0)) as client:
+        await wait_for_amqp(client)
+        unknown = await post(client, event())
+        await make_site(monthly_limit=10)
+        cached = await post(client, event())
+        deadline = time.monotonic() + 10
+        while (found := await post(client, event()))[0] != 200 and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+    assert unknown[1]["error"] == "unknown_site"
+    assert cached[0] == 400 and cached[1]["error"] == "unknown_site"  # the negative entry stands
+    assert found[0] == 200 and found[1]["status"] == "queued"
+    assert len(await rows(db)) == 1
