@@ -197,6 +197,26 @@ async def test_owner_gets_exactly_the_rows_of_the_site_and_month(
     assert line["export_hash"] == headers["x-opsmantik-export-hash"]
 
 
+async def test_the_http_export_reads_as_the_tenant_role(
+    settings: Settings,
+    open_gateway: OpenGateway,
+    http: aiohttp.ClientSession,
+    world: World,
+    db: asyncpg.Connection,
+) -> None:
+    """SPEC §10: the export runs under the tenant role, so RLS decides what it reads. A policy that only
+    the tenant role meets hides one row: an export read as the service role or a superuser shows it."""
+    await db.execute(
+        f"""CREATE POLICY hide_one_row ON ingest_idempotency AS RESTRICTIVE FOR SELECT TO revkernel_tenant
+            USING (idempotency_key <> '{"a" * 64}')"""
+    )
+    base = await open_gateway(settings)
+    status, headers, body = await export(http, base, site=world.site, bearer=token("owner-1"))
+    assert status == 200
+    assert body == b"".join(line for line in expected_body().splitlines(keepends=True) if b"a" * 64 not in line)
+    assert headers["x-opsmantik-row-count"] == "4"
+
+
 async def test_head_is_405_and_leaves_the_connection_usable(
     settings: Settings,
     open_gateway: OpenGateway,

@@ -262,6 +262,55 @@ async def test_failure_is_recorded_with_backoff_and_rearmed_after_attempts(
     assert int(await redis.get(usage_key(site, CURRENT))) == 20
 
 
+async def test_a_failed_job_is_retried_after_its_backoff_until_attempts_run_out(
+    db: asyncpg.Connection, database_url: str, pool: asyncpg.Pool, redis: aioredis.Redis
+) -> None:
+    """SPEC §8: FAILED jobs are claimed again once `next_attempt_at` passed, at most 5 attempts, and
+    each failure logs BILLING_RECONCILE_FAILED with its attempt count."""
+    from structlog.testing import capture_logs
+
+    site = await create_site(db)
+    await add_rows(db, site, CURRENT, 3)
+    await redis.set(usage_key(site, CURRENT), 90)  # drift: the correction needs the month's lock
+    await enqueue_jobs(pool)
+    await db.execute("DELETE FROM billing_reconciliation_jobs WHERE year_month <> $1", CURRENT)
+    holder = await asyncpg.connect(database_url)
+    settings = JobSettings(lock_timeout_ms=50, retry_base_s=600)
+    attempts = []
+    try:
+        await holder.execute("SELECT pg_advisory_lock(quota_lock_key($1, $2))", site, CURRENT)
+        with capture_logs() as logs:
+            for _ in range(6):
+                result = await run_jobs(pool, redis, settings=settings)
+                row = await job(db, site, CURRENT)
+                assert row is not None
+                attempts.append((result.processed, row["status"], row["attempt_count"]))
+                await db.execute("UPDATE billing_reconciliation_jobs SET next_attempt_at = now()")  # time passes
+    finally:
+        await holder.close()
+    assert attempts == [(1, "FAILED", n) for n in range(1, 6)] + [(0, "FAILED", 5)]
+    failures = [e for e in logs if e["event"] == "BILLING_RECONCILE_FAILED"]
+    assert [e["attempt_count"] for e in failures] == [1, 2, 3, 4, 5]
+    # The lock gone and the backoff passed, a re-armed job completes (enqueue re-arms used-up jobs).
+    assert (await enqueue_jobs(pool)).enqueued == 2  # re-armed, and the previous month's job again
+    assert (await run_jobs(pool, redis)).completed == 2
+    assert int(await redis.get(usage_key(site, CURRENT))) == 3
+
+
+async def test_a_run_claims_at_most_its_limit(
+    db: asyncpg.Connection, pool: asyncpg.Pool, redis: aioredis.Redis
+) -> None:
+    """SPEC §8 `run(limit = 50)`: one run claims at most 50 jobs; the rest wait for the next run."""
+    for _ in range(30):
+        site = await create_site(db)
+        await add_rows(db, site, CURRENT, 1)
+    assert (await enqueue_jobs(pool)).enqueued == 60  # current and previous month per active site
+    first = await run_jobs(pool, redis)
+    second = await run_jobs(pool, redis)
+    assert (first.processed, second.processed) == (50, 10)
+    assert await db.fetchval("SELECT count(*) FROM billing_reconciliation_jobs WHERE status = 'COMPLETED'") == 60
+
+
 async def test_two_reconcilers_never_claim_the_same_job(
     db: asyncpg.Connection, database_url: str, pool: asyncpg.Pool, redis: aioredis.Redis
 ) -> None:

@@ -224,18 +224,27 @@ async def test_unroutable_rows_back_off_then_fail(
     await publisher.start()
     try:
         await poll(lambda: _ready(publisher))
-        config = RecoverySettings(max_attempts=2, retry_base_s=0.001)
-        first = await recover_batch(pool, publisher, config)
-        assert (first.claimed, first.recovered, first.failed) == (2, 0, 2)
-        assert await statuses(db) == {"PENDING": 2}
-        rows = await db.fetch("SELECT attempt_count, last_error, next_attempt_at FROM ingest_fallback_buffer")
-        assert all(r["attempt_count"] == 1 and r["last_error"] for r in rows)
+        config = RecoverySettings(max_attempts=3, retry_base_s=30)
+        delays = []
+        for attempt in (1, 2):
+            result = await recover_batch(pool, publisher, config)
+            assert (result.claimed, result.recovered, result.failed) == (2, 0, 2)
+            assert await statuses(db) == {"PENDING": 2}
+            rows = await db.fetch(
+                "SELECT attempt_count, last_error, extract(epoch FROM next_attempt_at - now()) AS wait_s"
+                " FROM ingest_fallback_buffer"
+            )
+            assert all(r["attempt_count"] == attempt and r["last_error"] for r in rows)
+            delays.append(min(float(r["wait_s"]) for r in rows))
+            again = await recover_batch(pool, publisher, config)
+            assert again.claimed == 0  # backing off: not claimed again before next_attempt_at
+            await db.execute("UPDATE ingest_fallback_buffer SET next_attempt_at = now()")  # time passes
+        assert 25 < delays[0] <= 30 and 55 < delays[1] <= 60  # base, then doubled
 
-        async def failed() -> bool:
-            await recover_batch(pool, publisher, config)
-            return await statuses(db) == {"FAILED": 2}
-
-        await poll(failed)
+        last = await recover_batch(pool, publisher, config)
+        assert (last.claimed, last.failed) == (2, 2)
+        assert await statuses(db) == {"FAILED": 2}  # attempts used up
+        assert (await recover_batch(pool, publisher, config)).claimed == 0
     finally:
         await publisher.close()
     assert await queue_depth(settings.amqp_url) == 0

@@ -83,6 +83,15 @@ async def wait_until_blocked_on_freeze_lock(db: asyncpg.Connection, timeout_s: f
         await asyncio.sleep(0.02)
 
 
+async def wait_for_log_line(path: Path, text: str, timeout_s: float = 20) -> None:
+    """Until the process's log file holds `text` (e.g. the line a signal handler writes)."""
+    deadline = time.monotonic() + timeout_s
+    while text not in path.read_text(errors="replace"):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{text} never appeared in {path.name}")
+        await asyncio.sleep(0.02)
+
+
 async def freeze_runs(db: asyncpg.Connection, request_id: str) -> int:
     """Audit rows of freeze runs made for this command (one per run that completed)."""
     return int(await db.fetchval(
@@ -103,6 +112,7 @@ async def test_sigterm_mid_command_finishes_it_and_exits_0(
         await wait_until_blocked_on_freeze_lock(db)
         assert freezer.proc is not None
         freezer.proc.send_signal(signal.SIGTERM)
+        await wait_for_log_line(tmp_path / "freezer.log", '"worker_stopping"')
         # The freezer stopped consuming and is draining; the command it holds can now finish.
         await holder.fetchval(query("freeze_unlock_month"), MONTH)
         reply = await asyncio.wait_for(call, 30)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import uuid
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -68,9 +69,16 @@ def test_v2_any_numeric_ts_gives_a_key(ts: float) -> None:
         assert compute_key(SITE, far, SERVER_MS, 2).t_ms == SERVER_MS // 10_000 * 10_000
 
 
-def test_v2_page_view_uses_client_ms_and_2s_bucket() -> None:
-    event = {"s": "p", "url": "https://x", "ec": "page", "ts": SERVER_MS - 3_001}
+@pytest.mark.parametrize("kind", [{"ec": "page"}, {"ea": "page_view"}, {"ec": "page", "ea": "page_view"}])
+def test_v2_page_view_uses_client_ms_and_2s_bucket(kind: dict[str, str]) -> None:
+    event = {"s": "p", "url": "https://x", **kind, "ts": SERVER_MS - 3_001}
     assert compute_key(SITE, event, SERVER_MS, 2).t_ms == (SERVER_MS - 3_001) // 2000 * 2000
+    in_seconds = {**event, "ts": (SERVER_MS - 3_001) / 1000}  # below 10^12: seconds
+    assert compute_key(SITE, in_seconds, SERVER_MS, 2).t_ms == (SERVER_MS - 3_001) // 2000 * 2000
+    at_the_edge = {**event, "ts": SERVER_MS - 300_000}  # within ±5 minutes, inclusive
+    assert compute_key(SITE, at_the_edge, SERVER_MS, 2).t_ms == (SERVER_MS - 300_000) // 2000 * 2000
+    too_far = {**event, "ts": SERVER_MS + 300_001}  # beyond: server time
+    assert compute_key(SITE, too_far, SERVER_MS, 2).t_ms == SERVER_MS // 2000 * 2000
 
 
 def test_v2_default_is_2s_server_bucket() -> None:
