@@ -213,7 +213,8 @@ async def test_the_http_export_reads_as_the_tenant_role(
     base = await open_gateway(settings)
     status, headers, body = await export(http, base, site=world.site, bearer=token("owner-1"))
     assert status == 200
-    assert body == b"".join(line for line in expected_body().splitlines(keepends=True) if b"a" * 64 not in line)
+    shown = [line for line in expected_body().splitlines(keepends=True) if b"a" * 64 not in line]
+    assert body == b"".join(shown)
     assert headers["x-opsmantik-row-count"] == "4"
 
 

@@ -285,7 +285,8 @@ async def test_a_failed_job_is_retried_after_its_backoff_until_attempts_run_out(
                 row = await job(db, site, CURRENT)
                 assert row is not None
                 attempts.append((result.processed, row["status"], row["attempt_count"]))
-                await db.execute("UPDATE billing_reconciliation_jobs SET next_attempt_at = now()")  # time passes
+                # time passes
+                await db.execute("UPDATE billing_reconciliation_jobs SET next_attempt_at = now()")
     finally:
         await holder.close()
     assert attempts == [(1, "FAILED", n) for n in range(1, 6)] + [(0, "FAILED", 5)]
@@ -308,7 +309,8 @@ async def test_a_run_claims_at_most_its_limit(
     first = await run_jobs(pool, redis)
     second = await run_jobs(pool, redis)
     assert (first.processed, second.processed) == (50, 10)
-    assert await db.fetchval("SELECT count(*) FROM billing_reconciliation_jobs WHERE status = 'COMPLETED'") == 60
+    completed = "SELECT count(*) FROM billing_reconciliation_jobs WHERE status = 'COMPLETED'"
+    assert await db.fetchval(completed) == 60
 
 
 async def test_two_reconcilers_never_claim_the_same_job(

@@ -86,7 +86,7 @@ async def wait_until_blocked_on_freeze_lock(db: asyncpg.Connection, timeout_s: f
 async def wait_for_log_line(path: Path, text: str, timeout_s: float = 20) -> None:
     """Until the process's log file holds `text` (e.g. the line a signal handler writes)."""
     deadline = time.monotonic() + timeout_s
-    while text not in path.read_text(errors="replace"):
+    while text not in await asyncio.to_thread(path.read_text, errors="replace"):
         if time.monotonic() > deadline:
             raise AssertionError(f"{text} never appeared in {path.name}")
         await asyncio.sleep(0.02)
