@@ -18,6 +18,7 @@ MAX_LABEL = 256
 # can hold; it is also the bound below which a body needs no walk at all (it has fewer opening
 # brackets), so ordinary batches, whose events and `meta` objects add ~2 brackets each, pay nothing.
 MAX_NESTING = 250
+UTF8_BOM = b"\xef\xbb\xbf"
 
 
 class ShapeError(Exception):
@@ -99,6 +100,8 @@ def parse_sync_body(raw: bytes) -> SyncBody:
     """
     if len(raw) > MAX_BODY_BYTES:
         raise ShapeError("payload_too_large", f"body is larger than {MAX_BODY_BYTES} bytes")
+    if raw[:3] == UTF8_BOM:  # RFC 8259 §8.1 lets a parser ignore it; .NET and PowerShell senders add it
+        raw = raw[3:]
     try:
         data = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:

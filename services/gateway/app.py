@@ -15,6 +15,7 @@ from shared.auth import MIN_JWT_SECRET_BYTES, jwt_secret_usable
 from shared.billing_counters import BillingCounters
 from shared.buildinfo import resolve_build_info
 from shared.db import close_pool, create_pool
+from shared.events import MAX_BODY_BYTES
 from shared.ids import new_request_id
 from shared.logging import get_logger, log_request
 from shared.publisher import EventPublisher
@@ -35,6 +36,14 @@ _HTTP_ERROR_CODES = {
 }
 
 
+CLIENT_CLOSED_REQUEST = 499
+
+
+def _client_gone(request: web.Request) -> bool:
+    transport = request.transport
+    return transport is None or transport.is_closing()
+
+
 @web.middleware
 async def request_context(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Request id, build headers on every answer, JSON errors instead of HTML, one log line."""
@@ -52,9 +61,15 @@ async def request_context(request: web.Request, handler: Handler) -> web.StreamR
             response.headers["Allow"] = exc.headers["Allow"]
     except asyncio.CancelledError:
         raise
-    except Exception:
-        log.exception("unhandled_error", request_id=rid, path=request.path)
-        response = error_response(500, "internal_error")
+    except Exception as exc:
+        if isinstance(exc, ConnectionResetError) and _client_gone(request):
+            # The client closed its connection before its body was read (a beacon cut off by a page
+            # unload): nothing was captured and no one reads an answer. Logged and counted as nginx's
+            # 499, not as a server error that alerts.
+            response = error_response(CLIENT_CLOSED_REQUEST, "client_closed_request")
+        else:
+            log.exception("unhandled_error", request_id=rid, path=request.path)
+            response = error_response(500, "internal_error")
     build = request.app[CONTEXT].build
     response.headers["x-opsmantik-commit"] = build.commit_sha
     response.headers["x-opsmantik-branch"] = build.git_branch
@@ -110,7 +125,11 @@ async def _clients(app: web.Application) -> AsyncIterator[None]:
 def build_app(settings: Settings) -> web.Application:
     """The whole gateway for `settings`; clients connect when the app starts."""
     app = web.Application(
-        client_max_size=256 * 1024, middlewares=[metrics_api.request_latency, request_context]
+        client_max_size=MAX_BODY_BYTES,
+        middlewares=[metrics_api.request_latency, request_context],
+        # Bodies are inflated by /api/sync itself, with a bound (shared.content_coding): aiohttp would
+        # inflate a whole gzip bomb first.
+        handler_args={"auto_decompress": False},
     )
     app[SETTINGS] = settings
     app.cleanup_ctx.append(_clients)

@@ -14,8 +14,9 @@ from aiohttp.web_protocol import RequestPayloadError
 
 from services.gateway.context import CONTEXT, REQUEST_SITE, GatewayContext, request_id
 from services.gateway.responses import error_response, json_response
+from shared.content_coding import decode_body
 from shared.db import close_pool, create_pool, keep_session_state
-from shared.events import EventShape, ShapeError, SyncBody, header_text, parse_sync_body
+from shared.events import MAX_BODY_BYTES, EventShape, ShapeError, SyncBody, header_text, parse_sync_body
 from shared.idempotency import compute_key
 from shared.ingest import (
     PG_ERRORS,
@@ -110,10 +111,10 @@ async def _gates(request: web.Request) -> web.Response:
     settings = gate.context.settings
     try:
         raw = await request.read()
-    except RequestPayloadError as exc:  # e.g. `Content-Encoding: gzip` over bytes that are not gzip
-        return error_response(400, "invalid_json", detail=f"the body could not be decoded: {exc}")
+    except RequestPayloadError as exc:  # the body's framing (chunked, Content-Length) is broken
+        return error_response(400, "invalid_json", detail=f"the body could not be read: {exc}")
     try:
-        body = parse_sync_body(raw)
+        body = parse_sync_body(decode_body(raw, request.headers.get("Content-Encoding"), MAX_BODY_BYTES))
     except ShapeError as exc:
         status = 413 if exc.code == "payload_too_large" else 400
         return error_response(status, exc.code, detail=exc.detail)
@@ -328,7 +329,9 @@ async def sync_options(request: web.Request) -> web.Response:
 
 
 async def sync_method_not_allowed(request: web.Request) -> web.Response:
-    return error_response(405, "method_not_allowed", headers={"Allow": "POST, OPTIONS"})
+    return error_response(
+        405, "method_not_allowed", detail="Method Not Allowed", headers={"Allow": "POST, OPTIONS"}
+    )
 
 
 async def _sync_gate(app: web.Application) -> AsyncIterator[None]:
