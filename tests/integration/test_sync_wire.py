@@ -67,7 +67,9 @@ async def test_an_unsupported_coding_is_a_json_400_with_its_code(
     assert await db.fetchval("SELECT count(*) FROM ingest_idempotency") == 0
 
 
-async def test_a_gzip_bomb_is_413_once_decoded(gateway: Client, db: asyncpg.Connection, make_site: MakeSite) -> None:
+async def test_a_gzip_bomb_is_413_once_decoded(
+    gateway: Client, db: asyncpg.Connection, make_site: MakeSite
+) -> None:
     await make_site()
     bomb = gzip.compress(b"{" + b" " * (64 * 1024 * 1024) + b"}", compresslevel=9)
     status, body, _ = await post_raw(gateway, bomb, **{"Content-Encoding": "gzip"})
@@ -116,7 +118,8 @@ async def test_a_client_gone_mid_body_is_logged_as_499_not_as_a_server_error(
         await asyncio.sleep(0.3)
     finally:
         assert await gateway.stop() == 0
-    lines = [json.loads(line) for line in (tmp_path / "gateway.log").read_text().splitlines() if line[:1] == "{"]
+    log = (tmp_path / "gateway.log").read_text().splitlines()
+    lines = [json.loads(line) for line in log if line[:1] == "{"]
     assert not [line for line in lines if line.get("level") == "error"], lines
     requests = [line for line in lines if line.get("path") == "/api/sync"]
     assert [line["status"] for line in requests] == [499, 499]

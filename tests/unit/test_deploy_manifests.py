@@ -5,6 +5,7 @@ bite: a copy with one required thing removed must be reported."""
 from __future__ import annotations
 
 import copy
+import json
 import re
 import subprocess
 import sys
@@ -159,6 +160,21 @@ def test_compose_file_is_complete() -> None:
     assert redis_cmd[redis_cmd.index("--appendonly") + 1] == "no"
     assert redis_cmd[redis_cmd.index("--save") + 1] == ""
     assert "synchronous_commit=on" in services["postgres"]["command"]
+
+
+def test_the_proxy_answers_its_own_refusals_with_the_json_error_contract() -> None:
+    """nginx refuses a body over 256 KiB and maps an unreachable gateway itself: those answers carry
+    SPEC §3's JSON body and error-code header, not nginx's HTML (checked once against a real nginx 1.22
+    with curl: 413, 502 and 504 came back as below)."""
+    text = (DEPLOY_DIR / "nginx.conf").read_text()
+    pages = dict(re.findall(r"error_page ([\d ]+) (@\w+);", text))
+    assert {status for statuses in pages for status in statuses.split()} == {"413", "502", "503", "504"}
+    for location in pages.values():
+        block = re.search(rf"location {location} {{(.*?)\n\s*}}", text, re.DOTALL).group(1)  # type: ignore[union-attr]
+        code = re.search(r"add_header x-opsmantik-error-code (\w+) always;", block)
+        assert code is not None and "default_type application/json;" in block, block
+        body = json.loads(re.search(r"return \d+ '(.*)\\n';", block).group(1))  # type: ignore[union-attr]
+        assert body["ok"] is False and body["error"] == code.group(1)
 
 
 @pytest.mark.parametrize(
