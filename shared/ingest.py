@@ -54,12 +54,24 @@ log = get_logger("ingest")
 PG_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, asyncio.TimeoutError)
 REDIS_ERRORS = (aioredis.RedisError, OSError, asyncio.TimeoutError)
 MAX_ATTEMPTS = 3
+# How long to ask a fresh connection whether a COMMIT whose reply was lost took effect.
+COMMIT_OUTCOME_WAIT_S = 5.0
 # How long a counter checked against Postgres at the monthly limit is trusted by this process.
 LIMIT_CHECK_TTL_S = 60.0
 
 
 class GateClosed(Exception):
     """Postgres could not record the events: nothing was billed (500 billing_gate_closed)."""
+
+
+class _CommitUnconfirmed(Exception):
+    """COMMIT did not answer success (typically: the connection broke before its reply came), so the
+    transaction may have committed or not."""
+
+    def __init__(self, xid: int | None, outcome: list[CaptureResult]) -> None:
+        super().__init__(xid)
+        self.xid = xid
+        self.outcome = outcome
 
 
 class EventStatus(enum.Enum):
@@ -282,9 +294,12 @@ class IngestPipeline:
         except PG_ERRORS as exc:
             raise GateClosed(f"postgres unavailable: {exc!r}") from exc
         reserved: dict[str, int] = {}
+        lost: _CommitUnconfirmed | None = None
         try:
             try:
                 outcome = await self._in_transaction(conn, requests, rows, results, use_redis, reserved)
+            except _CommitUnconfirmed as exc:
+                lost = exc
             except (_Reseeded, _RedisUnavailable):
                 raise
             except asyncpg.DataError as exc:
@@ -301,7 +316,39 @@ class IngestPipeline:
                 raise _DataRejected from exc
         finally:
             await self._pool.release(conn)
+        if lost is not None:
+            return await self._settle_unconfirmed_commit(lost, reserved)
         return outcome
+
+    async def _settle_unconfirmed_commit(
+        self, lost: _CommitUnconfirmed, reserved: dict[str, int]
+    ) -> list[CaptureResult]:
+        """The answer to a group whose COMMIT was not confirmed is what Postgres decided. Committed: its
+        results stand (a 500 would have the client bill its events again after the key's bucket, and
+        giving back the reservations would let a hard plan take more than N). Aborted: nothing was
+        billed. Unknown (Postgres unreachable meanwhile): 500, the reservations kept, so the counter
+        errs high until the check at the monthly limit re-seeds it."""
+        status = await self._transaction_status(lost.xid) if lost.xid is not None else None
+        log.warning("capture_commit_unconfirmed", transaction=status or "unknown", error=repr(lost.__cause__))
+        if status == "committed":
+            return lost.outcome
+        if status == "aborted":
+            await self._release(reserved)
+        raise GateClosed(f"postgres failed during commit ({status or 'outcome unknown'})") from lost.__cause__
+
+    async def _transaction_status(self, xid: int) -> str | None:
+        """'committed' or 'aborted' as a fresh connection sees it, or None when it cannot tell in time."""
+        deadline = time.monotonic() + COMMIT_OUTCOME_WAIT_S
+        while time.monotonic() < deadline:
+            try:
+                async with self._pool.acquire(timeout=1.0) as conn:
+                    status = await conn.fetchval(query("transaction_status"), xid, timeout=1.0)
+            except PG_ERRORS:
+                status = None
+            if status in ("committed", "aborted"):
+                return str(status)
+            await asyncio.sleep(0.05)  # still in progress (the server has not seen the client go), or down
+        return None
 
     def _first_occurrences(
         self, requests: list[CaptureRequest], results: list[list[EventResult | None]]
@@ -329,12 +376,14 @@ class IngestPipeline:
         use_redis: bool,
         reserved: dict[str, int],
     ) -> list[CaptureResult]:
+        xid: int | None = None
+        committing = False
         try:
             async with conn.transaction():
                 usage_before: dict[tuple[uuid.UUID, str], int] = {}
                 if not use_redis:
                     usage_before = await self._lock_usage_in_postgres(conn, rows)
-                flagged = await self._insert_rows(conn, rows, "shared" if use_redis else "held")
+                flagged, xid = await self._insert_rows(conn, rows, "shared" if use_redis else "held")
                 if flagged:
                     raise _NeedsSeed(flagged)
                 groups = self._billable_groups(rows)
@@ -351,10 +400,19 @@ class IngestPipeline:
                     await self._release(reserved)
                     reserved.clear()
                     raise
+                committing = True
         except _NeedsSeed as exc:
             # The transaction is rolled back: our shared locks are gone, so the seed can take its lock.
             await self._reseed(conn, exc.pairs, at_limit=exc.at_limit)
             raise _Reseeded from None
+        except PG_ERRORS as exc:
+            if committing:  # a definite failure reads as aborted below; a lost reply is settled by asking
+                raise _CommitUnconfirmed(xid, self._results(results, use_redis)) from exc
+            raise
+        return self._results(results, use_redis)
+
+    @staticmethod
+    def _results(results: list[list[EventResult | None]], use_redis: bool) -> list[CaptureResult]:
         return [
             CaptureResult([res for res in request_results if res is not None], not use_redis)
             for request_results in results
@@ -373,9 +431,11 @@ class IngestPipeline:
 
     async def _insert_rows(
         self, conn: asyncpg.Connection, rows: list[_Row], lock_mode: str
-    ) -> list[tuple[uuid.UUID, str]]:
+    ) -> tuple[list[tuple[uuid.UUID, str]], int | None]:
+        """(site, month) pairs Postgres wants re-seeded first, and the transaction id (None when no row
+        was inserted: then the transaction billed nothing)."""
         if not rows:
-            return []
+            return [], None
         # Key order: two groups inserting the same keys wait on each other in one order, never in a
         # cycle. (The k-th rule follows arrival order from `rows`, not this order.)
         rows = sorted(rows, key=lambda r: (r.site.id, r.item.key.key, r.item.key.t_ms))
@@ -397,11 +457,11 @@ class IngestPipeline:
             (rec["site_id"], rec["pg_mode_year_month"]) for rec in records if rec["pg_mode_year_month"]
         ]
         if flagged:
-            return flagged
+            return flagged, None
         inserted = {(rec["site_id"], rec["idempotency_key"]) for rec in records}
         for row in rows:
             row.new = (row.site.id, row.item.key.key) in inserted
-        return []
+        return [], records[0]["xid"] if records else None
 
     def _billable_groups(self, rows: list[_Row]) -> OrderedDict[tuple[uuid.UUID, str], list[_Row]]:
         """New billable rows by (site, month), in arrival order: the order the k-th rule counts."""

@@ -11,13 +11,21 @@ from typing import Any
 
 import asyncpg
 import orjson
+import pytest
 import redis.asyncio as aioredis
-from aiohttp.test_utils import TestClient
+from aiohttp.test_utils import TestClient, TestServer
 
+from services.gateway.app import build_app
 from shared.settings import Settings
 from tests.conftest import RedisServer, free_port
 from tests.integration.conftest import MakeSite
-from tests.support.gateway import drain_queue, gateway_client, gateway_via_broker_proxy, wait_for_amqp
+from tests.support.gateway import (
+    drain_queue,
+    early_in_a_key_bucket,
+    gateway_client,
+    gateway_via_broker_proxy,
+    wait_for_amqp,
+)
 from tests.support.proxy import TcpProxy
 
 Client = TestClient[Any, Any]
@@ -180,3 +188,101 @@ async def test_redis_back_after_start_counts_again(
     accepted = 1 + len(answers)
     assert await db.fetchval("SELECT count(*) FROM ingest_idempotency WHERE billable") == accepted
     assert seeded is not None and int(seeded) == accepted  # the counter holds Postgres's exact count
+
+
+async def test_a_commit_whose_reply_is_lost_answers_what_postgres_decided(
+    settings: Settings, db: asyncpg.Connection, make_site: MakeSite, amqp_url: str, redis_client: Any
+) -> None:
+    """The connection breaks after COMMIT reached Postgres: the events are billed, so the answer is
+    theirs (`queued`), and the quota counter keeps them. Before, the answer was 500 (a retry after the
+    5 s key bucket billed the event again) and the reservation was given back, so a hard plan of 3
+    took 4 events (found by a chaos soak)."""
+    site = await make_site(monthly_limit=3)
+    proxy, client = await _gateway_via_postgres_proxy(settings)
+    try:
+        first = await post(client, event())
+        await early_in_a_key_bucket()  # the retry below shares the lost event's key
+        proxy.lose_reply_to(b"COMMIT")
+        lost = event()
+        answered = await post(client, lost)
+        retried = await post(client, lost)
+        later = [await post(client, event()) for _ in range(2)]
+    finally:
+        await client.close()
+        await proxy.close()
+    assert proxy.replies_lost == 1
+    assert first[1]["status"] == "queued"
+    assert (answered[0], answered[1]["status"]) == (200, "queued"), answered[1]
+    assert retried[1]["status"] == "duplicate"
+    assert [(a[0], a[1]["status"]) for a in later] == [(200, "queued"), (429, "rejected_quota")]
+    assert await db.fetchval("SELECT count(*) FROM ingest_idempotency WHERE billable") == 3
+    month = datetime.now(UTC).strftime("%Y-%m")
+    assert await redis_client.get(f"usage:{site.id}:{month}") == "3"
+    assert len(await drain_queue(amqp_url)) == 3
+
+
+async def test_a_commit_that_never_reached_postgres_bills_nothing(
+    settings: Settings, db: asyncpg.Connection, make_site: MakeSite, amqp_url: str, redis_client: Any
+) -> None:
+    """The other side of the same check: COMMIT lost on the way, the transaction aborted, so 500
+    billing_gate_closed, no row, and the reservation given back (the retry is a new event)."""
+    site = await make_site(monthly_limit=3)
+    proxy, client = await _gateway_via_postgres_proxy(settings)
+    try:
+        await post(client, event())
+        proxy.lose_reply_to(b"COMMIT", forward=False)
+        lost = event()
+        refused = await post(client, lost)
+        retried = await post(client, lost)
+    finally:
+        await client.close()
+        await proxy.close()
+    assert proxy.replies_lost == 1
+    assert (refused[0], refused[1]["error"]) == (500, "billing_gate_closed")
+    assert (retried[0], retried[1]["status"]) == (200, "queued")
+    assert await db.fetchval("SELECT count(*) FROM ingest_idempotency WHERE billable") == 2
+    month = datetime.now(UTC).strftime("%Y-%m")
+    assert await redis_client.get(f"usage:{site.id}:{month}") == "2"
+
+
+async def test_a_commit_whose_fate_cannot_be_learned_keeps_its_reservation(
+    settings: Settings,
+    db: asyncpg.Connection,
+    make_site: MakeSite,
+    amqp_url: str,
+    redis_client: Any,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """COMMIT's reply lost and Postgres unreachable while the gateway asks: 500 (it cannot say), but the
+    reservation stays, so the counter errs high (re-seeded at the limit), never low (a hard plan's
+    overshoot). Postgres back, the client's retry in the same bucket is a duplicate: billed once."""
+    monkeypatch.setattr("shared.ingest.COMMIT_OUTCOME_WAIT_S", 0.5)
+    site = await make_site(monthly_limit=3)
+    proxy, client = await _gateway_via_postgres_proxy(settings)
+    try:
+        await post(client, event())
+        await early_in_a_key_bucket()
+        proxy.lose_reply_to(b"COMMIT", then_refuse=True)
+        lost = event()
+        refused = await post(client, lost)
+        proxy.restore()
+        retried = await post(client, lost)
+    finally:
+        await client.close()
+        await proxy.close()
+    assert (refused[0], refused[1]["error"]) == (500, "billing_gate_closed")
+    assert retried[1]["status"] == "duplicate"
+    assert await db.fetchval("SELECT count(*) FROM ingest_idempotency WHERE billable") == 2
+    month = datetime.now(UTC).strftime("%Y-%m")
+    assert await redis_client.get(f"usage:{site.id}:{month}") == "2"
+
+
+async def _gateway_via_postgres_proxy(settings: Settings) -> tuple[TcpProxy, Client]:
+    """A gateway whose Postgres connections pass a TcpProxy; connected to the broker when returned."""
+    proxy = await TcpProxy("127.0.0.1", 5432).start()
+    database = settings.database_url.rsplit("/", 1)[1]
+    proxied = settings.with_overrides(database_url=f"postgresql://postgres@127.0.0.1:{proxy.port}/{database}")
+    client: Client = TestClient(TestServer(build_app(proxied)))
+    await client.start_server()
+    await wait_for_amqp(client)
+    return proxy, client

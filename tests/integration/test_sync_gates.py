@@ -21,6 +21,7 @@ from tests.conftest import RedisServer
 from tests.integration.conftest import MakeSite
 from tests.support.gateway import (
     drain_queue,
+    early_in_a_key_bucket,
     gateway_client,
     gateway_via_broker_proxy,
     published_events,
@@ -30,7 +31,6 @@ from tests.support.gateway import (
 from tests.support.proxy import TcpProxy
 
 Client = TestClient[Any, Any]
-V1_BUCKET_S = 5  # SPEC §4: v1 keys take the server time floored to 5 s
 
 
 def event(site: str = "site-a", url: str | None = None, **extra: Any) -> dict[str, Any]:
@@ -52,15 +52,6 @@ async def rows(db: asyncpg.Connection) -> list[asyncpg.Record]:
 async def rate_limit_used(redis_client: Any, site_id: uuid.UUID) -> int:
     """Units the site's rate-limit windows hold in Redis, all clients together."""
     return sum([int(await redis_client.get(key)) async for key in redis_client.scan_iter(f"rl:{site_id}:*")])
-
-
-async def early_in_a_key_bucket(margin_s: float = 2.0) -> None:
-    """Until `margin_s` or more remain of the current 5 s v1 key bucket, so that two posts of one event
-    made now share a key (else one crossing the bucket's end is a new event, and a test of `duplicate`
-    fails one run in a few hundred)."""
-    remaining = V1_BUCKET_S - time.time() % V1_BUCKET_S
-    if remaining < margin_s:
-        await asyncio.sleep(remaining + 0.01)
 
 
 def assert_build_headers(headers: Any) -> None:

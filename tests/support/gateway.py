@@ -23,6 +23,8 @@ from shared.amqp import INGEST_QUEUE
 from shared.settings import Settings
 from tests.support.proxy import TcpProxy
 
+V1_BUCKET_S = 5  # SPEC §4: v1 keys take the server time floored to 5 s
+
 
 @contextlib.asynccontextmanager
 async def gateway_client(settings: Settings) -> AsyncIterator[TestClient[Any, Any]]:
@@ -52,6 +54,15 @@ async def gateway_via_broker_proxy(
             yield client, proxy
     finally:
         await proxy.close()
+
+
+async def early_in_a_key_bucket(margin_s: float = 2.0) -> None:
+    """Until `margin_s` or more remain of the current 5 s v1 key bucket, so that two posts of one event
+    made now share a key (else one crossing the bucket's end is a new event, and a test of `duplicate`
+    fails one run in a few hundred)."""
+    remaining = V1_BUCKET_S - time.time() % V1_BUCKET_S
+    if remaining < margin_s:
+        await asyncio.sleep(remaining + 0.01)
 
 
 async def raw_request(

@@ -7,6 +7,20 @@ import asyncio
 import contextlib
 
 
+class _Connection:
+    """Both sockets of one proxied connection."""
+
+    def __init__(self, client: asyncio.StreamWriter, server: asyncio.StreamWriter) -> None:
+        self.client = client
+        self.server = server
+        self.lose_next_reply = False
+
+    def abort(self) -> None:
+        for writer in (self.client, self.server):
+            if writer.transport is not None:
+                writer.transport.abort()
+
+
 class TcpProxy:
     """Forwards 127.0.0.1:<port> to a target; `cut()` drops every connection and refuses new ones;
     `stall()` stops reading what clients send (a server that stops reading: its replies still flow);
@@ -23,6 +37,10 @@ class TcpProxy:
         self.upstream_flowing = asyncio.Event()
         self.upstream_flowing.set()
         self.swallowing = False
+        self._reply_to_lose: bytes | None = None
+        self.replies_lost = 0
+        self._forward_lost_request = True
+        self._cut_after_loss = False
 
     async def start(self) -> TcpProxy:
         self._server = await asyncio.start_server(self._accept, "127.0.0.1", self.port)
@@ -39,12 +57,15 @@ class TcpProxy:
             writer.close()
             return
         self._writers.update((writer, up_writer))
+        connection = _Connection(writer, up_writer)
         for src, dst, gated in ((reader, up_writer, True), (up_reader, writer, False)):
-            task = asyncio.create_task(self._pipe(src, dst, gated=gated))
+            task = asyncio.create_task(self._pipe(src, dst, gated=gated, connection=connection))
             self._pipes.add(task)
             task.add_done_callback(self._pipes.discard)
 
-    async def _pipe(self, src: asyncio.StreamReader, dst: asyncio.StreamWriter, *, gated: bool) -> None:
+    async def _pipe(
+        self, src: asyncio.StreamReader, dst: asyncio.StreamWriter, *, gated: bool, connection: _Connection
+    ) -> None:
         try:
             while True:
                 if gated:
@@ -54,6 +75,18 @@ class TcpProxy:
                     break
                 if gated and self.swallowing:
                     continue
+                if gated and self._reply_to_lose is not None and self._reply_to_lose in data:
+                    self._reply_to_lose = None
+                    if not self._forward_lost_request:
+                        connection.abort()  # the server never saw it
+                        self.replies_lost += 1
+                        break
+                    connection.lose_next_reply = True
+                elif not gated and connection.lose_next_reply:
+                    connection.abort()  # the server acted on the request; its client never hears of it
+                    self.replies_lost += 1
+                    self.enabled = not self._cut_after_loss
+                    break
                 dst.write(data)
                 await dst.drain()
         except (ConnectionError, OSError):
@@ -83,6 +116,15 @@ class TcpProxy:
         """Drop what clients send from now on, connections left open: a server that reads and never
         answers (unlike `stall()`, a read already waiting is dropped too)."""
         self.swallowing = True
+
+    def lose_reply_to(self, marker: bytes, *, forward: bool = True, then_refuse: bool = False) -> None:
+        """Forward the next client message containing `marker` (e.g. b"COMMIT"), then drop the
+        server's reply to it and reset both sides: the request took effect, its client cannot know.
+        With `forward=False` the message itself is dropped with the connection (it took no effect);
+        with `then_refuse` new connections are refused from then on (until `restore()`)."""
+        self._reply_to_lose = marker
+        self._forward_lost_request = forward
+        self._cut_after_loss = then_refuse
 
     def resume(self) -> None:
         self.upstream_flowing.set()
