@@ -131,6 +131,24 @@ class BufferedLineLogger:
     msg = log = warning = warn = error = err = critical = fatal = exception = failure = _write_now
 
 
+class _JsonLineFormatter(logging.Formatter):
+    """A stdlib record (aiohttp, asyncio, aio-pika, aiormq) as one JSON line shaped like structlog's:
+    their tracebacks were multi-line plain text among the JSON lines (SPEC §11)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        line: dict[str, Any] = {
+            "component": record.name,
+            "event": record.getMessage(),
+            "level": record.levelname.lower(),
+            "timestamp": datetime.fromtimestamp(record.created, UTC).isoformat().replace("+00:00", "Z"),
+        }
+        if record.exc_info:
+            line["exception"] = self.formatException(record.exc_info)
+        elif record.stack_info:
+            line["stack"] = self.formatStack(record.stack_info)
+        return orjson.dumps(line, default=repr).decode()
+
+
 class _FlushFirst(logging.Filter):
     """Before a stdlib logging record (aiohttp, asyncio, aio-pika) is written, write the buffered lines
     logged before it."""
@@ -150,8 +168,9 @@ def configure_logging(level: str = "info", stream: Any = None, *, flush_after_s:
     numeric = logging.getLevelName(level.upper())
     if not isinstance(numeric, int):
         numeric = logging.INFO
-    logging.basicConfig(level=numeric, stream=stream or sys.stderr, format="%(message)s", force=True)
+    logging.basicConfig(level=numeric, stream=stream or sys.stderr, force=True)
     for handler in logging.getLogger().handlers:
+        handler.setFormatter(_JsonLineFormatter())
         handler.addFilter(_FlushFirst())
     for noisy in ("aiormq", "aio_pika", "asyncio", "aiohttp.access"):
         logging.getLogger(noisy).setLevel(max(numeric, logging.WARNING))

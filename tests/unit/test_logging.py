@@ -192,7 +192,24 @@ async def test_a_stdlib_record_goes_out_after_the_lines_logged_before_it() -> No
     logging.getLogger("aiohttp.server").error("stdlib second")
     first, second = stream.getvalue().splitlines()
     assert json.loads(first)["event"] == "structlog first"
-    assert second == "stdlib second"
+    assert json.loads(second)["event"] == "stdlib second"
+
+
+def test_a_stdlib_record_is_one_json_line_traceback_included() -> None:
+    """aiormq's and aiohttp's records (a broker disconnect, an error answering a request) were
+    multi-line plain text among the JSON lines."""
+    stream = io.StringIO()
+    configure_logging("info", stream=stream)
+    try:
+        raise ConnectionResetError("broker went away")
+    except ConnectionResetError:
+        logging.getLogger("aiormq.connection").exception("Unexpected connection close from %s", "remote")
+    [line] = stream.getvalue().splitlines()
+    record = json.loads(line)
+    assert record["component"] == "aiormq.connection" and record["level"] == "error"
+    assert record["event"] == "Unexpected connection close from remote"
+    assert "ConnectionResetError: broker went away" in record["exception"]
+    assert record["timestamp"].endswith("Z")
 
 
 def test_without_batching_each_line_is_one_write_with_its_newline() -> None:
