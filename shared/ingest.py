@@ -328,7 +328,9 @@ class IngestPipeline:
         giving back the reservations would let a hard plan take more than N). Aborted: nothing was
         billed. Unknown (Postgres unreachable meanwhile): 500, the reservations kept, so the counter
         errs high until the check at the monthly limit re-seeds it."""
-        status = await self._transaction_status(lost.xid) if lost.xid is not None else None
+        if lost.xid is None:  # no row was inserted: nothing to bill either way (duplicates only)
+            return lost.outcome
+        status = await self._transaction_status(lost.xid)
         log.warning("capture_commit_unconfirmed", transaction=status or "unknown", error=repr(lost.__cause__))
         if status == "committed":
             return lost.outcome

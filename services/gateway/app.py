@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from aiohttp import web
 
 from services.gateway import cron_freeze, cron_reconcile, export, health, metrics_api, sync, watchtower
+from services.gateway.bodies import ClientGone
 from services.gateway.context import CONTEXT, REQUEST_ID, REQUEST_SITE, SETTINGS, GatewayContext
 from services.gateway.responses import error_response
 from shared.auth import MIN_JWT_SECRET_BYTES, jwt_secret_usable
@@ -36,14 +37,6 @@ _HTTP_ERROR_CODES = {
 }
 
 
-CLIENT_CLOSED_REQUEST = 499
-
-
-def _client_gone(request: web.Request) -> bool:
-    transport = request.transport
-    return transport is None or transport.is_closing()
-
-
 @web.middleware
 async def request_context(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Request id, build headers on every answer, JSON errors instead of HTML, one log line."""
@@ -61,15 +54,11 @@ async def request_context(request: web.Request, handler: Handler) -> web.StreamR
             response.headers["Allow"] = exc.headers["Allow"]
     except asyncio.CancelledError:
         raise
-    except Exception as exc:
-        if isinstance(exc, ConnectionResetError) and _client_gone(request):
-            # The client closed its connection before its body was read (a beacon cut off by a page
-            # unload): nothing was captured and no one reads an answer. Logged and counted as nginx's
-            # 499, not as a server error that alerts.
-            response = error_response(CLIENT_CLOSED_REQUEST, "client_closed_request")
-        else:
-            log.exception("unhandled_error", request_id=rid, path=request.path)
-            response = error_response(500, "internal_error")
+    except ClientGone as gone:
+        response = gone.response()
+    except Exception:
+        log.exception("unhandled_error", request_id=rid, path=request.path)
+        response = error_response(500, "internal_error")
     build = request.app[CONTEXT].build
     response.headers["x-opsmantik-commit"] = build.commit_sha
     response.headers["x-opsmantik-branch"] = build.git_branch

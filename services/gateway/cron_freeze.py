@@ -11,6 +11,7 @@ import orjson
 from aiohttp import web
 
 from services.gateway import command_bus
+from services.gateway.bodies import read_body
 from services.gateway.command_bus import dispatch, require_cron
 from services.gateway.context import request_id
 from services.gateway.responses import error_response
@@ -27,7 +28,7 @@ async def invoice_freeze(request: web.Request) -> web.Response:
     if denied := require_cron(request):
         return denied
     rid = request_id(request)
-    raw = await request.content.read(MAX_BODY_BYTES + 1)
+    raw = await read_body(request, MAX_BODY_BYTES)
     if len(raw) > MAX_BODY_BYTES:
         return error_response(413, "payload_too_large", request_id=rid)
     try:

@@ -9,6 +9,7 @@ import orjson
 from aiohttp import web
 
 from services.gateway import command_bus
+from services.gateway.bodies import read_body
 from services.gateway.command_bus import dispatch, require_cron
 from services.gateway.context import CONTEXT, request_id
 from services.gateway.responses import error_response
@@ -53,7 +54,7 @@ async def reconcile_backfill(request: web.Request) -> web.Response:
     and again by the reconciler. `{ok, enqueued, months, sites, request_id}`."""
     if denied := require_cron(request):
         return denied
-    raw = await request.content.read(MAX_BODY_BYTES + 1)
+    raw = await read_body(request, MAX_BODY_BYTES)
     if len(raw) > MAX_BODY_BYTES:
         return error_response(413, "payload_too_large", request_id=request_id(request))
     try:

@@ -12,6 +12,7 @@ from typing import Any
 from aiohttp import web
 from aiohttp.web_protocol import RequestPayloadError
 
+from services.gateway.bodies import read_whole_body
 from services.gateway.context import CONTEXT, REQUEST_SITE, GatewayContext, request_id
 from services.gateway.responses import error_response, json_response
 from shared.content_coding import decode_body
@@ -110,11 +111,13 @@ async def _gates(request: web.Request) -> web.Response:
     gate = request.app[SYNC_GATE]
     settings = gate.context.settings
     try:
-        raw = await request.read()
+        raw = await read_whole_body(request)
     except RequestPayloadError as exc:  # the body's framing (chunked, Content-Length) is broken
         return error_response(400, "invalid_json", detail=f"the body could not be read: {exc}")
     try:
-        body = parse_sync_body(decode_body(raw, request.headers.get("Content-Encoding"), MAX_BODY_BYTES))
+        # Repeated header lines are one list (RFC 9110 §5.3): two `Content-Encoding: gzip` = `gzip, gzip`.
+        codings = ", ".join(request.headers.getall("Content-Encoding", ()))
+        body = parse_sync_body(decode_body(raw, codings, MAX_BODY_BYTES))
     except ShapeError as exc:
         status = 413 if exc.code == "payload_too_large" else 400
         return error_response(status, exc.code, detail=exc.detail)

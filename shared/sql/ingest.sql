@@ -1,5 +1,5 @@
 -- name: ingest_capture_rows
--- `xid`: the group's transaction, whose fate is asked for when the reply to its COMMIT is lost.
+-- `xid`: the group's transaction id, to ask Postgres its fate when the end of it is not confirmed.
 SELECT site_id, idempotency_key, pg_mode_year_month, pg_current_xact_id() AS xid
 FROM ingest_capture_rows($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11);
 

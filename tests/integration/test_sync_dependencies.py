@@ -202,7 +202,7 @@ async def test_a_commit_whose_reply_is_lost_answers_what_postgres_decided(
     try:
         first = await post(client, event())
         await early_in_a_key_bucket()  # the retry below shares the lost event's key
-        proxy.lose_reply_to(b"COMMIT")
+        proxy.lose_reply_to(b"COMMIT;")  # what asyncpg sends to end a transaction
         lost = event()
         answered = await post(client, lost)
         retried = await post(client, lost)
@@ -230,7 +230,7 @@ async def test_a_commit_that_never_reached_postgres_bills_nothing(
     proxy, client = await _gateway_via_postgres_proxy(settings)
     try:
         await post(client, event())
-        proxy.lose_reply_to(b"COMMIT", forward=False)
+        proxy.lose_reply_to(b"COMMIT;", forward=False)
         lost = event()
         refused = await post(client, lost)
         retried = await post(client, lost)
@@ -261,8 +261,8 @@ async def test_a_commit_whose_fate_cannot_be_learned_keeps_its_reservation(
     proxy, client = await _gateway_via_postgres_proxy(settings)
     try:
         await post(client, event())
-        await early_in_a_key_bucket()
-        proxy.lose_reply_to(b"COMMIT", then_refuse=True)
+        await early_in_a_key_bucket(margin_s=3.0)  # 0.5 s of asking, then the retry, in one bucket
+        proxy.lose_reply_to(b"COMMIT;", then_refuse=True)
         lost = event()
         refused = await post(client, lost)
         proxy.restore()

@@ -17,7 +17,7 @@ import pytest
 from aiohttp.test_utils import TestClient
 
 from shared.settings import Settings
-from tests.conftest import settings_env
+from tests.conftest import CRON_SECRET, settings_env
 from tests.integration.conftest import MakeSite
 from tests.support.gateway import drain_queue
 from tests.support.gateway_process import GatewayProcess
@@ -124,3 +124,44 @@ async def test_a_client_gone_mid_body_is_logged_as_499_not_as_a_server_error(
     requests = [line for line in lines if line.get("path") == "/api/sync"]
     assert [line["status"] for line in requests] == [499, 499]
     assert await db.fetchval("SELECT count(*) FROM ingest_idempotency") == 0
+
+
+async def test_repeated_content_encoding_lines_are_one_list(
+    gateway: Client, db: asyncpg.Connection, make_site: MakeSite, amqp_url: str
+) -> None:
+    """RFC 9110 §5.3: two `Content-Encoding: gzip` lines mean `gzip, gzip`; only the first was read."""
+    await make_site()
+    assert gateway.server.port is not None
+    reader, writer = await asyncio.open_connection("127.0.0.1", gateway.server.port)
+    body = gzip.compress(gzip.compress(event()))
+    writer.write(
+        b"POST /api/sync HTTP/1.1\r\nHost: t\r\nConnection: close\r\nContent-Encoding: gzip\r\n"
+        b"Content-Encoding: gzip\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body
+    )
+    answer = await reader.read()
+    writer.close()
+    await writer.wait_closed()
+    head, _, payload = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200"), answer
+    assert orjson.loads(payload)["status"] == "queued"
+    assert len(await drain_queue(amqp_url)) == 1
+
+
+async def test_a_cron_body_split_across_segments_is_read_whole(gateway: Client) -> None:
+    """`content.read(n)` returned what had arrived: the first segment alone, then 400 invalid_json."""
+    assert gateway.server.port is not None
+    reader, writer = await asyncio.open_connection("127.0.0.1", gateway.server.port)
+    body = b'{"year_month": "2020-13"}'
+    writer.write(
+        b"POST /api/cron/invoice-freeze HTTP/1.1\r\nHost: t\r\nConnection: close\r\n"
+        + f"Authorization: Bearer {CRON_SECRET}\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+        + body[:10]
+    )
+    await writer.drain()
+    await asyncio.sleep(0.2)  # the handler is waiting for the rest
+    writer.write(body[10:])
+    answer = await reader.read()
+    writer.close()
+    await writer.wait_closed()
+    payload = orjson.loads(answer.partition(b"\r\n\r\n")[2])
+    assert payload["error"] == "invalid_year_month", payload  # the whole body was read and judged
