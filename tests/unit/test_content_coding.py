@@ -106,7 +106,10 @@ def test_the_limit_holds_exactly(encoding: str) -> None:
     assert refused.value.code == "payload_too_large"
 
 
-@given(st.binary(max_size=512), st.sampled_from(["gzip", "deflate", "x-gzip", "gzip, deflate", "gzip, gzip, gzip"]))
+@given(
+    st.binary(max_size=512),
+    st.sampled_from(["gzip", "deflate", "x-gzip", "gzip, deflate", "gzip, gzip, gzip"]),
+)
 def test_any_bytes_decode_or_are_refused_with_a_code(sent: bytes, encoding: str) -> None:
     try:
         decode_body(sent, encoding, LIMIT)
