@@ -116,8 +116,10 @@ async def _gates(request: web.Request) -> web.Response:
         return error_response(400, "invalid_json", detail=f"the body could not be read: {exc}")
     try:
         # Repeated header lines are one list (RFC 9110 §5.3): two `Content-Encoding: gzip` = `gzip, gzip`.
-        codings = ", ".join(request.headers.getall("Content-Encoding", ()))
-        body = parse_sync_body(decode_body(raw, codings, MAX_BODY_BYTES))
+        codings = request.headers.getall("Content-Encoding", None)
+        if codings:
+            raw = decode_body(raw, ", ".join(codings), MAX_BODY_BYTES)
+        body = parse_sync_body(raw)
     except ShapeError as exc:
         status = 413 if exc.code == "payload_too_large" else 400
         return error_response(status, exc.code, detail=exc.detail)
