@@ -209,8 +209,14 @@ def settings(database_url: str, redis_url: str, amqp_url: str) -> Settings:
 
 
 def settings_env(settings: Settings) -> dict[str, str]:
-    """The environment that makes a `revkernel` subprocess use these settings."""
-    env = dict(os.environ)
+    """The environment that makes a `revkernel` subprocess use these settings, and only these: SPEC §12
+    variables (and their `_FILE` forms) set in the shell running the tests are left out."""
+    configured = {f.upper() for f in Settings.__dataclass_fields__}
+    env = {
+        name: value
+        for name, value in os.environ.items()
+        if name not in configured and name.removesuffix("_FILE") not in configured
+    }
     env.update(
         DATABASE_URL=settings.database_url,
         REDIS_URL=settings.redis_url,

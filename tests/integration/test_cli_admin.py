@@ -61,16 +61,23 @@ async def revkernel(settings: Settings, *args: str, **env_changes: str | None) -
     return Run(proc.returncode, out.decode(), err.decode())
 
 
+# Admin commands need only Postgres: Redis and the broker point at a port where nothing listens, so a
+# command that started using them would fail here instead of touching the shared servers' data.
+NOWHERE = {"redis_url": "redis://127.0.0.1:1/0", "amqp_url": "amqp://guest:guest@127.0.0.1:1/"}
+
+
 @pytest.fixture
 def cli_settings(database_url: str) -> Settings:
     """Admin commands need only Postgres (and the JWT secret for `token`)."""
-    return Settings(database_url=database_url, cron_secret=CRON_SECRET, auth_jwt_secret=JWT_SECRET)
+    return Settings(
+        database_url=database_url, cron_secret=CRON_SECRET, auth_jwt_secret=JWT_SECRET, **NOWHERE
+    )
 
 
 @pytest.fixture
 async def new_database_settings() -> AsyncIterator[Settings]:
     name = f"rk_cli_{uuid.uuid4().hex[:12]}"
-    yield Settings(database_url=pg_dsn(name))
+    yield Settings(database_url=pg_dsn(name), **NOWHERE)
     admin = await asyncpg.connect(PG_ADMIN_DSN)
     try:
         await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')

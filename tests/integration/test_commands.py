@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from collections.abc import AsyncIterator
 
@@ -251,7 +252,10 @@ async def test_a_postgres_outage_is_waited_out_not_dead_lettered(
             call = asyncio.create_task(
                 client.call(RECONCILER_QUEUE, "enqueue", {}, request_id="outage", timeout_s=30)
             )
-            await asyncio.sleep(2)  # the command meets the outage: several attempts, with backoff
+            deadline = time.monotonic() + 20  # the command meets the outage: attempts, with backoff
+            while [line["event"] for line in logs].count("command_dependency_unavailable") < 3:
+                assert time.monotonic() < deadline and not call.done(), logs
+                await asyncio.sleep(0.05)
             assert not call.done()
             await postgres.start()
             reply = await call
