@@ -329,6 +329,7 @@ class IngestPipeline:
         billed. Unknown (Postgres unreachable meanwhile): 500, the reservations kept, so the counter
         errs high until the check at the monthly limit re-seeds it."""
         if lost.xid is None:  # no row was inserted: nothing to bill either way (duplicates only)
+            log.info("capture_commit_unconfirmed", transaction="no_rows", error=repr(lost.__cause__))
             return lost.outcome
         status = await self._transaction_status(lost.xid)
         log.warning("capture_commit_unconfirmed", transaction=status or "unknown", error=repr(lost.__cause__))

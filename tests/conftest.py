@@ -20,7 +20,7 @@ import redis.asyncio as aioredis
 from shared.amqp import DEAD_LETTER_QUEUE, FREEZER_QUEUE, INGEST_QUEUE, RECONCILER_QUEUE, declare_topology
 from shared.db import connect
 from shared.migrate import apply_migrations, create_database_if_missing, revoke_public_temporary
-from shared.settings import Settings
+from shared.settings import LOGIN_ROLE, Settings
 
 PG_HOST = os.environ.get("TEST_PG_HOST", "127.0.0.1")
 PG_PORT = int(os.environ.get("TEST_PG_PORT", "5432"))
@@ -230,5 +230,11 @@ def settings_env(settings: Settings) -> dict[str, str]:
         IDEMPOTENCY_VERSION=str(settings.idempotency_version),
         RATE_LIMIT_PER_MINUTE=str(settings.rate_limit_per_minute),
         DEFAULT_MONTHLY_LIMIT=str(settings.default_monthly_limit),
+        SITE_CACHE_TTL_S=str(settings.site_cache_ttl_s),
+        LOG_LEVEL=settings.log_level,
+        TRUSTED_PROXIES=",".join(str(network) for network in settings.trusted_proxies),
+        DATABASE_ROLE=settings.database_role or LOGIN_ROLE,
+        AUTH_JWT_AUDIENCE=settings.auth_jwt_audience or "",
+        AUTH_JWT_ISSUER=settings.auth_jwt_issuer or "",
     )
     return env

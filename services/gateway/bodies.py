@@ -21,7 +21,7 @@ class ClientGone(Exception):
 async def read_body(request: web.Request, limit: int) -> bytes:
     """The body as sent (content codings untouched): all of it, or its first `limit` + 1 bytes when it
     is longer (the caller answers 413). `content.read(n)` alone returns what has arrived so far: a body
-    split across TCP segments (curl sends `Expect: 100-continue` above 1 KiB) came back cut short."""
+    arriving in more than one TCP segment (a slow link, `Expect: 100-continue`) came back cut short."""
     body = bytearray()
     try:
         while len(body) <= limit:
@@ -29,8 +29,10 @@ async def read_body(request: web.Request, limit: int) -> bytes:
             if not chunk:
                 break
             body += chunk
-    except ConnectionResetError as exc:
-        raise _gone_or(exc, request) from exc
+    except ConnectionResetError:
+        if _client_gone(request):
+            raise ClientGone() from None
+        raise
     return bytes(body)
 
 
@@ -39,10 +41,12 @@ async def read_whole_body(request: web.Request) -> bytes:
     client left mid-body."""
     try:
         return await request.read()
-    except ConnectionResetError as exc:
-        raise _gone_or(exc, request) from exc
+    except ConnectionResetError:
+        if _client_gone(request):
+            raise ClientGone() from None
+        raise
 
 
-def _gone_or(exc: ConnectionResetError, request: web.Request) -> Exception:
+def _client_gone(request: web.Request) -> bool:
     transport = request.transport
-    return ClientGone() if transport is None or transport.is_closing() else exc
+    return transport is None or transport.is_closing()

@@ -165,3 +165,4 @@ async def test_a_cron_body_split_across_segments_is_read_whole(gateway: Client) 
     await writer.wait_closed()
     payload = orjson.loads(answer.partition(b"\r\n\r\n")[2])
     assert payload["error"] == "invalid_year_month", payload  # the whole body was read and judged
+
