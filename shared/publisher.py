@@ -8,9 +8,7 @@ there is no open connection, and when the confirm does not arrive within the tim
 from __future__ import annotations
 
 import asyncio
-import contextlib
-from collections.abc import AsyncIterator, Sequence
-from typing import Any
+from collections.abc import Sequence
 
 import aio_pika
 from aio_pika.abc import AbstractRobustConnection
@@ -51,9 +49,6 @@ class EventPublisher:
         self._task: asyncio.Task[None] | None = None
         self._control_task: asyncio.Task[None] | None = None
         self._closing = False
-        # Tasks in the middle of an aio-pika connect: `close()` lets them finish instead of cancelling
-        # them (aiormq's clean-up of a handshake cut short can leave its socket open).
-        self._connecting: set[asyncio.Task[Any]] = set()
         self.connected = asyncio.Event()
 
     async def start(self) -> None:
@@ -68,8 +63,7 @@ class EventPublisher:
             wire: ConfirmConnection | None = None
             try:
                 wire = await ConfirmConnection.open(self._url, timeout=CONNECT_TIMEOUT_S)
-                async with self._uncancelled():
-                    await self._declare_topology()
+                await self._declare_topology()
             except BaseException as exc:
                 if wire is not None:
                     wire.abort()  # also when cancelled (closing during start-up): no socket left open
@@ -106,36 +100,12 @@ class EventPublisher:
         delays = reconnect_delays()
         while not self._closing and self._control is None:
             try:
-                async with self._uncancelled():
-                    self._control = await connect_robust(self._url, timeout=CONNECT_TIMEOUT_S)
+                self._control = await connect_robust(self._url, timeout=CONNECT_TIMEOUT_S)
             except CONNECT_ERRORS as exc:
                 if self._closing:
                     return
                 log.warning("amqp_control_connect_failed", error=str(exc) or type(exc).__name__)
                 await asyncio.sleep(next(delays))
-
-    @contextlib.asynccontextmanager
-    async def _uncancelled(self) -> AsyncIterator[None]:
-        """Marks the current task as connecting with aio-pika while the block runs (see `close`)."""
-        task = asyncio.current_task()
-        assert task is not None
-        self._connecting.add(task)
-        try:
-            yield
-        finally:
-            self._connecting.discard(task)
-
-    async def _end(self, task: asyncio.Task[None] | None) -> None:
-        """Stop a background task: at once, unless it is connecting (then it ends by itself on
-        `_closing` within its connect timeout; cancelled only if it does not)."""
-        if task is None:
-            return
-        if task not in self._connecting:
-            task.cancel()
-        done, _ = await asyncio.wait({task}, timeout=CONNECT_TIMEOUT_S + 2)
-        if not done:
-            task.cancel()
-            await asyncio.wait({task}, timeout=5)
 
     @property
     def connection(self) -> AbstractRobustConnection | None:
@@ -189,11 +159,17 @@ class EventPublisher:
 
     async def close(self) -> None:
         self._closing = True
-        await self._end(self._task)
+        if self._task is not None:
+            self._task.cancel()
+            # aio-pika may swallow the cancellation mid-connect; the loop also stops on `_closing`,
+            # once the wire it may still have opened is closed below.
+            await asyncio.wait({self._task}, timeout=5)
         if self._wire is not None:
             await self._wire.close()
         if self._task is not None and not self._task.done():
             await asyncio.wait({self._task}, timeout=5)
-        await self._end(self._control_task)
+        if self._control_task is not None:
+            self._control_task.cancel()
+            await asyncio.wait({self._control_task}, timeout=5)
         if self._control is not None:
             await self._control.close()
