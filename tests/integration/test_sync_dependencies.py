@@ -5,12 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import time
-import uuid
 from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
-import orjson
 import pytest
 import redis.asyncio as aioredis
 from aiohttp.test_utils import TestClient, TestServer
@@ -26,20 +24,15 @@ from tests.support.gateway import (
     gateway_via_broker_proxy,
     wait_for_amqp,
 )
+from tests.support.gateway import (
+    post_sync as post,
+)
+from tests.support.gateway import (
+    sync_event as event,
+)
 from tests.support.proxy import TcpProxy
 
 Client = TestClient[Any, Any]
-
-
-def event() -> dict[str, Any]:
-    return {"s": "site-a", "url": f"https://example.com/{uuid.uuid4().hex}"}
-
-
-async def post(client: Client, body: Any) -> tuple[int, dict[str, Any], Any]:
-    response = await client.post(
-        "/api/sync", data=orjson.dumps(body), headers={"Content-Type": "application/json"}
-    )
-    return response.status, await response.json(), response.headers
 
 
 async def wait_until_ready(client: Client, check: str, timeout_s: float = 30) -> None:

@@ -28,21 +28,15 @@ from tests.support.gateway import (
     raw_request,
     wait_for_amqp,
 )
+from tests.support.gateway import (
+    post_sync as post,
+)
+from tests.support.gateway import (
+    sync_event as event,
+)
 from tests.support.proxy import TcpProxy
 
 Client = TestClient[Any, Any]
-
-
-def event(site: str = "site-a", url: str | None = None, **extra: Any) -> dict[str, Any]:
-    return {"s": site, "url": url or f"https://example.com/{uuid.uuid4().hex}", **extra}
-
-
-async def post(client: Client, body: Any, **headers: str) -> tuple[int, dict[str, Any], Any]:
-    raw = body if isinstance(body, bytes) else orjson.dumps(body)
-    response = await client.post(
-        "/api/sync", data=raw, headers={"Content-Type": "application/json", **headers}
-    )
-    return response.status, await response.json(), response.headers
 
 
 async def rows(db: asyncpg.Connection) -> list[asyncpg.Record]:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import gzip
 import json
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -19,19 +18,16 @@ from aiohttp.test_utils import TestClient
 from shared.settings import Settings
 from tests.conftest import CRON_SECRET, settings_env
 from tests.integration.conftest import MakeSite
-from tests.support.gateway import drain_queue
+from tests.support.gateway import drain_queue, sync_event
+from tests.support.gateway import post_sync as post_raw
 from tests.support.gateway_process import GatewayProcess
 
 Client = TestClient[Any, Any]
 
 
 def event() -> bytes:
-    return orjson.dumps({"s": "site-a", "url": f"https://example.com/{uuid.uuid4().hex}"})
+    return orjson.dumps(sync_event())
 
-
-async def post_raw(client: Client, body: bytes, **headers: str) -> tuple[int, dict[str, Any], Any]:
-    response = await client.post("/api/sync", data=body, headers=headers)
-    return response.status, await response.json(), response.headers
 
 
 @pytest.mark.parametrize(

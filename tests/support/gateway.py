@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -24,6 +25,22 @@ from shared.settings import Settings
 from tests.support.proxy import TcpProxy
 
 V1_BUCKET_S = 5  # SPEC §4: v1 keys take the server time floored to 5 s
+
+
+def sync_event(site: str = "site-a", url: str | None = None, **extra: Any) -> dict[str, Any]:
+    """A single event for `/api/sync` with a URL of its own (so a distinct idempotency key)."""
+    return {"s": site, "url": url or f"https://example.com/{uuid.uuid4().hex}", **extra}
+
+
+async def post_sync(
+    client: TestClient[Any, Any], body: Any, **headers: str
+) -> tuple[int, dict[str, Any], Any]:
+    """POST `body` (JSON-encoded unless bytes) to `/api/sync`: (status, JSON answer, headers)."""
+    raw = body if isinstance(body, bytes) else orjson.dumps(body)
+    response = await client.post(
+        "/api/sync", data=raw, headers={"Content-Type": "application/json", **headers}
+    )
+    return response.status, await response.json(), response.headers
 
 
 @contextlib.asynccontextmanager
